@@ -1,0 +1,1 @@
+"""Data: sources, built-in sets, multi-crop views, masks, loaders."""

@@ -1,0 +1,217 @@
+"""Where images come from: built-in labelled sets in memory, or a folder of image files.
+
+A source yields `(uint8 tensor [3, H, W], label)`; the label is -1 where none is known. Grayscale images become
+3 channels. Unreadable files are skipped and counted, never fatal unless nothing usable is left.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from ..errors import UserError
+
+log = logging.getLogger("selfsup")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+ImageFile.LOAD_TRUNCATED_IMAGES = True  # a truncated JPEG still gives the part that was written
+
+
+class Source(torch.utils.data.Dataset):
+    """A list of images with optional labels."""
+
+    name: str
+    classes: list[str] | None = None
+
+    def labels(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    @property
+    def labelled(self) -> bool:
+        return self.classes is not None
+
+
+class TensorSource(Source):
+    """Images held in memory as one uint8 tensor [N, C, H, W] (the built-in sets)."""
+
+    def __init__(self, name: str, images: torch.Tensor, labels: torch.Tensor | None, classes: list[str] | None):
+        self.name, self.images, self._labels, self.classes = name, images, labels, classes
+
+    def labels(self) -> torch.Tensor:
+        return self._labels if self._labels is not None else torch.full((len(self),), -1)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]
+        if img.shape[0] == 1:
+            img = img.expand(3, -1, -1)
+        return img, int(self._labels[i]) if self._labels is not None else -1
+
+    def subset(self, index: torch.Tensor, name: str) -> "TensorSource":
+        labels = self._labels[index] if self._labels is not None else None
+        return TensorSource(name, self.images[index], labels, self.classes)
+
+
+def decode(path: Path) -> torch.Tensor:
+    """Decode an image file to uint8 [3, H, W]: any mode (palette, CMYK, 16-bit, alpha) becomes RGB."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                a = (a * (255.0 / max(a.max(), 1.0))).astype(np.uint8)
+                im = Image.fromarray(a, mode="L")
+            if im.mode in ("P", "PA", "LA", "RGBA"):
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)
+            rgb = im.convert("RGB")
+    arr = np.asarray(rgb, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class Skipped:
+    """Files that could not be used, with the reason of the first few."""
+
+    count: int = 0
+    first: list[str] | None = None
+
+    def add(self, path: Path, why: str) -> None:
+        self.count += 1
+        self.first = (self.first or []) + ([f"{path} ({why})"] if len(self.first or []) < 3 else [])
+
+    def line(self, where: str) -> str:
+        return f"{where}: skipped {self.count} unreadable file(s), e.g. " + "; ".join(self.first or [])
+
+
+class FolderSource(Source):
+    """Every image file under `root`, recursively; the first-level subfolder is the class when there are any.
+
+    Each file is opened once up front (header only) so that a folder of broken files fails at once with a
+    clear message; files that fail to decode later are replaced by the next good one and counted.
+    """
+
+    def __init__(self, root: Path, files: list[Path], classes: list[str] | None, name: str | None = None):
+        self.root, self.classes = root, classes
+        self.name = name or root.name
+        self.skipped = Skipped()
+        good: list[Path] = []
+        for f in files:
+            why = _check_header(f)
+            if why:
+                self.skipped.add(f, why)
+            else:
+                good.append(f)
+        if self.skipped.count:
+            log.warning(self.skipped.line(str(root)))
+        if not good:
+            raise UserError(f"{root}: no usable image among {len(files)} file(s) (expected {_suffixes()})")
+        self.files = good
+        self._labels = torch.tensor([self._label_of(f) for f in good]) if classes else None
+
+    def _label_of(self, f: Path) -> int:
+        return self.classes.index(f.relative_to(self.root).parts[0])
+
+    def labels(self) -> torch.Tensor:
+        return self._labels if self._labels is not None else torch.full((len(self),), -1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        for j in range(len(self.files)):
+            f = self.files[(i + j) % len(self.files)]
+            try:
+                img = decode(f)
+            except Exception as e:  # noqa: BLE001 - any decoder failure means this file is unusable
+                self.skipped.add(f, type(e).__name__)
+                log.warning(self.skipped.line(str(self.root)))
+                continue
+            label = int(self._labels[(i + j) % len(self.files)]) if self._labels is not None else -1
+            return img, label
+        raise UserError(f"{self.root}: no image could be decoded")
+
+
+def _suffixes() -> str:
+    return "/".join(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
+
+
+def _check_header(f: Path) -> str | None:
+    try:
+        if f.stat().st_size == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(f) as im:
+                w, h = im.size
+        return None if w > 0 and h > 0 else "no pixels"
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__
+
+
+def list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def folder_classes(root: Path, files: list[Path]) -> list[str] | None:
+    """Classes from first-level subfolders, when every image lies in one."""
+    tops = {f.relative_to(root).parts[0] for f in files}
+    if any(len(f.relative_to(root).parts) < 2 for f in files):
+        return None
+    return sorted(tops)
+
+
+def open_folder(root: Path, split: str | None = None) -> FolderSource:
+    """A folder, or its train/test split: `root/train` and `root/test` (or `val`) when present,
+    otherwise a fixed 80/20 split of the files (stratified by class when there are classes)."""
+    if not root.exists():
+        raise UserError(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder (expected a folder of images or a built-in set name)")
+    sub = {"train": ["train"], "test": ["test", "val"]}
+    if split is not None:
+        for name in sub[split]:
+            if (root / name).is_dir() and (root / "train").is_dir():
+                return open_folder(root / name)
+    files = list_images(root)
+    if not files:
+        raise UserError(f"{root}: no image files found (looked recursively for {_suffixes()})")
+    classes = folder_classes(root, files)
+    if split is not None:
+        files = fixed_split(files, [f.relative_to(root).parts[0] if classes else "" for f in files], split)
+    return FolderSource(root, files, classes)
+
+
+def fixed_split(items: list, groups: list, split: str, test_fraction: float = 0.2, seed: int = 0) -> list:
+    """A deterministic, stratified train/test split: within each group a seeded permutation, the last
+    `test_fraction` goes to test."""
+    codes = {g: i for i, g in enumerate(sorted(set(groups)))}
+    idx = stratified_split([codes[g] for g in groups], test_fraction, seed)[0 if split == "train" else 1]
+    return [items[i] for i in idx]
+
+
+def stratified_split(groups: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    gen = np.random.default_rng(seed)
+    train, test = [], []
+    arr = np.asarray(groups)
+    for g in sorted(set(groups)):
+        members = np.flatnonzero(arr == g)
+        members = members[gen.permutation(len(members))]
+        n_test = int(round(len(members) * test_fraction))
+        train += members[: len(members) - n_test].tolist()
+        test += members[len(members) - n_test :].tolist()
+    return sorted(train), sorted(test)

@@ -1,0 +1,270 @@
+"""Multi-crop views (DINO Sec. 3.1) with BYOL's augmentations (BYOL Table 6).
+
+Split in two halves so the costly part runs batched on the training device:
+- `MultiCrop` (loader side, per image): random resized crops and flips from the original image, plus the
+  random parameters of the photometric augmentations. Each image draws from its own generator, seeded with
+  (seed, epoch, image index), so a batch is the same whatever the number of ranks or loader workers, and a
+  resumed run sees exactly the crops an uninterrupted one would.
+- `Photometric` (device side, batched): colour jitter in random order, grayscale, Gaussian blur, solarize,
+  normalisation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import CropsConfig
+
+LUMA = (0.2989, 0.5870, 0.1140)  # BYOL Table 6 grayscale weights (ITU-R 601-2)
+N_PARAMS = 11  # jitter, brightness, contrast, saturation, hue, order (as one code), gray, blur, sigma, solarize, pad
+
+
+@dataclass
+class Crops:
+    """One group of same-size crops, crop-major: crop c of sample b is row c * B + b."""
+
+    images: torch.Tensor  # uint8 [n * B, 3, S, S] before `Photometric`, float after
+    params: torch.Tensor  # float [n * B, N_PARAMS]
+
+    def to(self, device: torch.device) -> "Crops":
+        return Crops(self.images.to(device, non_blocking=True), self.params.to(device, non_blocking=True))
+
+
+@dataclass
+class Views:
+    """A batch of multi-crop views. `masks` (iBOT) is bool [n_global * B, h, w] over the global crops' patches."""
+
+    global_crops: Crops
+    local_crops: Crops | None
+    labels: torch.Tensor
+    index: torch.Tensor
+    masks: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> "Views":
+        return Views(
+            self.global_crops.to(device),
+            self.local_crops.to(device) if self.local_crops is not None else None,
+            self.labels.to(device),
+            self.index.to(device),
+            self.masks.to(device, non_blocking=True) if self.masks is not None else None,
+            {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.extra.items()},
+        )
+
+
+def crop_box(rng: np.random.Generator, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float]):
+    """RandomResizedCrop's box: area fraction ~ U(scale), aspect ratio log-uniform in `ratio`; 10 tries,
+    then the largest centred box within the ratio range."""
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    u = rng.random((10, 4))
+    for a, r, ui, uj in u:
+        target = area * (scale[0] + a * (scale[1] - scale[0]))
+        aspect = math.exp(log_r[0] + r * (log_r[1] - log_r[0]))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(ui * (h - ch + 1)), int(uj * (w - cw + 1)), ch, cw
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def resized_crop(img: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
+    """Crop uint8 [3, H, W] to `box`, resize to size x size (bilinear, antialiased), optionally flip."""
+    i, j, h, w = box
+    x = img[:, i : i + h, j : j + w].unsqueeze(0).float()
+    if (h, w) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if flip:
+        x = x.flip(-1)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def photometric_params(rng: np.random.Generator, c: CropsConfig, p_blur: float, p_solarize: float) -> np.ndarray:
+    """The random parameters of one crop's photometric augmentations (applied later by `Photometric`)."""
+    u = rng.random(10)
+    return np.array(
+        [
+            u[0] < c.color_jitter,
+            1 + c.brightness * (2 * u[1] - 1),
+            1 + c.contrast * (2 * u[2] - 1),
+            1 + c.saturation * (2 * u[3] - 1),
+            c.hue * (2 * u[4] - 1),
+            rng.integers(24),  # one of the 4! orders of the jitter operations (BYOL: random order)
+            u[5] < c.grayscale,
+            u[6] < p_blur,
+            c.blur_sigma[0] + u[7] * (c.blur_sigma[1] - c.blur_sigma[0]),
+            u[8] < p_solarize,
+            0.0,
+        ],
+        dtype=np.float32,
+    )
+
+
+class MultiCrop:
+    """Per image: `n_global` crops of `global_size` and `n_local` crops of `local_size`, with their flips and
+    photometric parameters. `masking` (iBOT) may add patch masks for the global crops."""
+
+    def __init__(self, cfg: CropsConfig, seed: int, masking: Callable | None = None):
+        self.cfg, self.seed, self.masking = cfg, seed, masking
+
+    def rng(self, epoch: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, index])
+
+    def crops(self, img: torch.Tensor, rng: np.random.Generator):
+        c = self.cfg
+        _, h, w = img.shape
+        out_g, par_g, out_l, par_l = [], [], [], []
+        for k in range(c.n_global):
+            flip = rng.random() < c.flip
+            out_g.append(resized_crop(img, crop_box(rng, h, w, c.global_scale, c.ratio), c.global_size, flip))
+            par_g.append(photometric_params(rng, c, c.blur[min(k, 1)], c.solarize[min(k, 1)]))
+        for _ in range(c.n_local):
+            flip = rng.random() < c.flip
+            out_l.append(resized_crop(img, crop_box(rng, h, w, c.local_scale, c.ratio), c.local_size, flip))
+            par_l.append(photometric_params(rng, c, c.blur[2], c.solarize[2]))
+        return out_g, par_g, out_l, par_l
+
+    def __call__(self, samples: list[tuple[torch.Tensor, int, int]], epoch: int) -> Views:
+        """`samples` holds (image, label, dataset index) triples."""
+        c = self.cfg
+        gs, gp, ls, lp, masks = [], [], [], [], []
+        for img, _, index in samples:
+            rng = self.rng(epoch, index)
+            g, pg, l, pl = self.crops(img, rng)
+            gs.append(g), gp.append(pg), ls.append(l), lp.append(pl)
+            if self.masking is not None:
+                masks.append(self.masking(rng))
+        # crop-major order: all samples' crop 0, then all samples' crop 1, ...
+        g_img = torch.stack([gs[b][k] for k in range(c.n_global) for b in range(len(samples))])
+        g_par = torch.from_numpy(np.stack([gp[b][k] for k in range(c.n_global) for b in range(len(samples))]))
+        local = None
+        if c.n_local:
+            l_img = torch.stack([ls[b][k] for k in range(c.n_local) for b in range(len(samples))])
+            l_par = torch.from_numpy(np.stack([lp[b][k] for k in range(c.n_local) for b in range(len(samples))]))
+            local = Crops(l_img, l_par)
+        m = None
+        if masks:  # per sample [n_global, h, w] -> crop-major [n_global * B, h, w]
+            m = torch.stack(masks, 1).flatten(0, 1)
+        labels = torch.tensor([s[1] for s in samples])
+        index = torch.tensor([s[2] for s in samples])
+        return Views(Crops(g_img, g_par), local, labels, index, m)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] by `shift` (fraction of a turn), per image."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    v = maxc
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    dsafe = delta.clamp_min(1e-12)
+    rc, gc, bc = (maxc - r) / dsafe, (maxc - g) / dsafe, (maxc - b) / dsafe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    i = i.long() % 6
+    choose = lambda *c: torch.stack(c, 0).gather(0, i.unsqueeze(0))[0]  # noqa: E731
+    return torch.stack([choose(v, q, p, p, t, v), choose(t, v, v, q, p, p), choose(p, p, t, v, v, q)], 1)
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (pixels); kernel radius 3 sigma, reflect padding."""
+    n, ch, hgt, wid = x.shape
+    radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), min(hgt, wid) - 1))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # [n * ch, K]
+    y = x.reshape(1, n * ch, hgt, wid)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(n * ch, 1, 1, -1), groups=n * ch)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(n * ch, 1, -1, 1), groups=n * ch)
+    return y.view(n, ch, hgt, wid)
+
+
+ORDERS = torch.tensor(list(__import__("itertools").permutations(range(4))))  # 24 x 4
+
+
+class Photometric:
+    """Applies the photometric augmentations whose parameters `MultiCrop` drew, batched on the device."""
+
+    def __init__(self, cfg: CropsConfig):
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    def jitter(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        order = ORDERS.to(x.device)[p[:, 5].long()]
+        for stage in range(4):
+            for op in range(4):
+                sel = torch.nonzero((order[:, stage] == op) & (p[:, 0] > 0)).flatten()
+                if sel.numel() == 0:
+                    continue
+                y, f = x[sel], p[sel, 1 + op]
+                if op == 0:  # brightness
+                    y = y * f.view(-1, 1, 1, 1)
+                elif op == 1:  # contrast: blend with the mean gray level
+                    m = _gray(y).mean((1, 2, 3), keepdim=True)
+                    y = m + (y - m) * f.view(-1, 1, 1, 1)
+                elif op == 2:  # saturation: blend with the grayscale image
+                    gr = _gray(y)
+                    y = gr + (y - gr) * f.view(-1, 1, 1, 1)
+                else:
+                    y = _adjust_hue(y, f)
+                x = x.index_copy(0, sel, y.clamp(0, 1))
+        return x
+
+    def __call__(self, crops: Crops) -> torch.Tensor:
+        x = crops.images.float().div_(255.0)
+        p = crops.params.float()
+        x = self.jitter(x, p)
+        gray = p[:, 6] > 0
+        if gray.any():
+            x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        sel = torch.nonzero(p[:, 7] > 0).flatten()
+        if sel.numel():
+            x = x.index_copy(0, sel, _blur(x[sel], p[sel, 8]).clamp(0, 1))
+        sol = p[:, 9] > 0
+        if sol.any():  # PIL's solarize inverts pixels at or above 128
+            x = torch.where(sol.view(-1, 1, 1, 1) & (x >= 128 / 255), 1.0 - x, x)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def eval_transform(img: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """Evaluation view: resize the shorter side to size / 0.875 (DINO), centre crop `size`, normalise.
+    Images no larger than `size` (the built-in digits) are simply resized to `size`."""
+    x = img.float().unsqueeze(0) / 255.0
+    h, w = x.shape[-2:]
+    if max(h, w) <= size or h == w == size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        short = int(round(size / 0.875))
+        nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[..., top : top + size, left : left + size]
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return ((x.clamp(0, 1) - m) / s)[0]

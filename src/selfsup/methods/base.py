@@ -1,0 +1,95 @@
+"""What every method shares: the `Method` interface and the momentum (EMA) teacher."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..train.schedules import Progress
+
+
+@dataclass
+class Batch:
+    """Augmented views on the training device, crop-major (crop c of sample b is row c * B + b)."""
+
+    global_crops: torch.Tensor  # [n_global * B, 3, G, G]
+    local_crops: torch.Tensor | None  # [n_local * B, 3, L, L]
+    masks: torch.Tensor | None  # bool [n_global * B, h, w] (iBOT)
+    labels: torch.Tensor
+    n_global: int
+    n_local: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.global_crops.shape[0] // self.n_global
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_t <- lambda theta_t + (1 - lambda) theta_s (DINO Sec. 3.1), over the parameters both share by
+    name (the student may have more, e.g. a predictor)."""
+    s_params = dict(student.named_parameters())
+    pairs = [(p_t, s_params[n]) for n, p_t in teacher.named_parameters() if n in s_params]
+    if not pairs:
+        return
+    t, s = zip(*pairs)
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A teacher: a copy that takes no gradient and stays in eval mode (no drop path)."""
+    import copy
+
+    teacher = copy.deepcopy(module)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+class Method(nn.Module):
+    """A self-supervised method: owns its networks and its loss.
+
+    forward(batch, progress) -> named losses and metrics; "loss" is the one optimised.
+    after_step(progress): EMA teacher and other updates that follow the optimiser step.
+    backbone(): the network kept and evaluated.
+    """
+
+    name: str = ""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+
+    def masking(self) -> Callable | None:
+        """A per-image mask generator for the global crops (iBOT), or None."""
+        return None
+
+    def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, progress: Progress) -> None:
+        pass
+
+    def backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    def student_modules(self) -> dict[str, nn.Module]:
+        """The trained networks by name (for optimiser groups and gradient clipping)."""
+        raise NotImplementedError
+
+    def last_layer_params(self) -> list[nn.Parameter]:
+        """Parameters frozen during the first epoch(s) (DINO's prototypes)."""
+        return []
+
+    def train(self, mode: bool = True) -> "Method":
+        super().train(mode)
+        for m in self.teachers():
+            m.eval()
+        return self
+
+    def teachers(self) -> list[nn.Module]:
+        return []

@@ -1,0 +1,95 @@
+"""DINO: self-distillation with no labels (Caron et al., 2021)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..nn import backbone_from_config, feature_dim
+from ..nn.heads import DINOHead
+from ..train import distributed
+from ..train.schedules import Progress
+from .base import Batch, Method, ema_update, frozen_copy
+
+
+def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temp: float) -> torch.Tensor:
+    """H(P_t, P_s) summed over pairs (teacher global view i, student view v != i), averaged over the pairs
+    and the batch (DINO Eq. 3); P_s = softmax(g_s / tau_s)."""
+    total, n_terms = 0.0, 0
+    log_ps = [F.log_softmax(s / student_temp, dim=-1) for s in student_logits]
+    for i, q in enumerate(teacher_probs):
+        for v, log_p in enumerate(log_ps):
+            if v == i:
+                continue  # the same view on both sides
+            total = total + torch.sum(-q * log_p, dim=-1).mean()
+            n_terms += 1
+    return total / n_terms
+
+
+def centred_sharpened(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """P_t = softmax((g_t - c) / tau_t): centring and sharpening (DINO Eq. 1, Sec. 3.1)."""
+    return F.softmax((teacher_logits - center) / temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+    """c <- m c + (1 - m) (1/B) sum_i g_t(x_i) (DINO Eq. 4), the mean over the global batch of all ranks."""
+    batch_sum = distributed.all_reduce_sum(teacher_logits.sum(0, keepdim=True).float())
+    n = teacher_logits.shape[0] * distributed.world_size()
+    center.mul_(momentum).add_(batch_sum / n, alpha=1 - momentum)
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the rows of p (nats): the collapse monitor h(P_t) of DINO Fig. 7."""
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
+
+
+class DINO(Method):
+    name = "dino"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        d = cfg.dino
+        self.student = nn.ModuleDict({"backbone": backbone_from_config(cfg.backbone)})
+        self.student["head"] = DINOHead(feature_dim(self.student["backbone"]), d.out_dim, d.hidden_dim,
+                                        d.bottleneck_dim, d.n_layers, d.norm_last_layer)
+        teacher = nn.ModuleDict({"backbone": backbone_from_config(cfg.backbone, drop_path=0.0),
+                                 "head": self.student["head"]})
+        teacher["backbone"].load_state_dict(self.student["backbone"].state_dict())
+        self.teacher = frozen_copy(teacher)  # theta_t starts equal to theta_s
+        self.register_buffer("center", torch.zeros(1, d.out_dim))
+
+    def teachers(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    def student_modules(self) -> dict[str, nn.Module]:
+        return dict(self.student.items())
+
+    def last_layer_params(self) -> list[nn.Parameter]:
+        return list(self.student["head"].last_layer.parameters())
+
+    def backbone(self) -> nn.Module:
+        return self.teacher["backbone"]  # DINO evaluates the teacher
+
+    def student_logits(self, batch: Batch) -> list[torch.Tensor]:
+        crops = [batch.global_crops] + ([batch.local_crops] if batch.local_crops is not None else [])
+        outs = self.student["backbone"].forward_features_list(crops, [None] * len(crops))
+        cls = torch.cat([o["x_norm_clstoken"] for o in outs])
+        return list(self.student["head"](cls).chunk(batch.n_global + batch.n_local))
+
+    def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            t_logits = self.teacher["head"](self.teacher["backbone"](batch.global_crops))
+            probs = centred_sharpened(t_logits, self.center, progress.teacher_temp)
+        s_logits = self.student_logits(batch)
+        teacher_probs = list(probs.chunk(batch.n_global))
+        loss = dino_loss(s_logits, teacher_probs, self.cfg.dino.student_temp)
+        update_center(self.center, t_logits, self.cfg.dino.center_momentum)
+        h = entropy(probs)
+        return {"loss": loss * self.cfg.dino.loss_weight, "teacher_entropy": h, "kl": loss.detach() - h,
+                "teacher_temp": torch.tensor(progress.teacher_temp)}
+
+    @torch.no_grad()
+    def after_step(self, progress: Progress) -> None:
+        ema_update(self.teacher, self.student, progress.momentum)

@@ -1,0 +1,45 @@
+"""Backbones and heads."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import BackboneConfig
+from ..errors import UserError
+from .vit import VIT_SIZES, VisionTransformer, vit
+
+
+def build_backbone(name: str, patch_size: int = 16, **options) -> nn.Module:
+    """Any backbone by name: vit_tiny/small/base/large/giant2 (DINOv2's layer sizes) or resnet18/50.
+    Options: depth, img_size, drop_path_rate, drop_path_uniform, layerscale, ffn, n_registers, ..."""
+    if name in VIT_SIZES:
+        return vit(name, patch_size=patch_size, **options)
+    if name.startswith("resnet"):
+        from .resnet import resnet
+
+        return resnet(name, **options)
+    raise UserError(f"unknown backbone '{name}' (expected one of: {', '.join(VIT_SIZES)}, resnet18, resnet50)")
+
+
+def backbone_from_config(b: BackboneConfig, drop_path: float | None = None) -> nn.Module:
+    """The backbone a config describes; `drop_path` overrides the rate (0 for teachers and evaluation)."""
+    if b.arch.startswith("resnet"):
+        return build_backbone(b.arch)
+    return build_backbone(
+        b.arch,
+        patch_size=b.patch_size,
+        depth=b.depth,
+        img_size=b.img_size,
+        drop_path_rate=b.drop_path if drop_path is None else drop_path,
+        drop_path_uniform=b.drop_path_uniform,
+        layerscale=b.layerscale,
+        ffn=b.ffn,
+        n_registers=b.n_registers,
+        qkv_bias=b.qkv_bias,
+    )
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    return backbone.embed_dim
+
+
+__all__ = ["VisionTransformer", "build_backbone", "backbone_from_config", "feature_dim", "VIT_SIZES"]

@@ -1,0 +1,225 @@
+"""Vision Transformer (Dosovitskiy et al.) as DINO and DINOv2 use it.
+
+Module names follow facebookresearch/dinov2 (`patch_embed.proj`, `blocks.{i}.attn.qkv`, `ls1.gamma`,
+`mlp.fc1` / `mlp.w12`, `register_tokens`, `mask_token`, ...) so official weights load by their own keys.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+# DINOv2 layers/vision_transformer.py sizes (vit_giant2: 1536 wide, 40 blocks, 24 heads)
+VIT_SIZES = {
+    "vit_tiny": ViTSize(192, 12, 3),
+    "vit_small": ViTSize(384, 12, 6),
+    "vit_base": ViTSize(768, 12, 12),
+    "vit_large": ViTSize(1024, 24, 16),
+    "vit_giant2": ViTSize(1536, 40, 24),
+}
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al.): drop the residual branch of a whole sample, rescale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling (CaiT), gamma initialised small (DINOv2: 1e-5)."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU FFN (Shazeer 2020): w3(silu(x W1) * x W2); DINOv2's hidden size is 2/3 of 4 D, rounded to 8."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
+                 layerscale: float | None, ffn: str, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x), attn_mask)), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        ffn: str = "mlp",
+        layerscale: float | None = None,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        n_registers: int = 0,
+        interpolate_antialias: bool = False,
+        interpolate_offset: float = 0.1,
+        eps: float = 1e-6,
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.n_registers = n_registers
+        self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        n_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, embed_dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, layerscale, ffn, eps) for r in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=eps)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)  # DINOv2
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, h: int, w: int) -> torch.Tensor:
+        """The position embedding for an h x w image: bicubic resize of the patch grid (DINOv2 semantics:
+        scale factor (n + offset) / M, or antialiased resize to size when offset is 0)."""
+        pos = self.pos_embed
+        n_grid = pos.shape[1] - 1
+        h0, w0 = h // self.patch_size, w // self.patch_size
+        m = int(math.sqrt(n_grid))
+        if h0 * w0 == n_grid and h0 == w0:
+            return pos
+        patch = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        if self.interpolate_offset:
+            sh, sw = (h0 + self.interpolate_offset) / m, (w0 + self.interpolate_offset) / m
+            patch = F.interpolate(patch, scale_factor=(sh, sw), mode="bicubic", antialias=self.interpolate_antialias)
+        else:
+            patch = F.interpolate(patch, size=(h0, w0), mode="bicubic", antialias=self.interpolate_antialias)
+        assert patch.shape[-2:] == (h0, w0)
+        patch = patch.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
+        return torch.cat([pos[:, :1], patch.to(pos.dtype)], dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """[CLS] + registers + patch tokens. Masked patches (iBOT) take the mask token before the position
+        embedding is added; registers come after it and carry no position (DINOv2)."""
+        b, _, h, w = x.shape
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        if masks is not None:
+            x = torch.where(masks.flatten(1).unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + self.interpolate_pos_encoding(h, w)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def _outputs(self, x: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        xn = self.norm(x)
+        r = 1 + self.n_registers
+        return {
+            "x_norm_clstoken": xn[:, 0],
+            "x_norm_regtokens": xn[:, 1:r],
+            "x_norm_patchtokens": xn[:, r:],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        x = self.prepare_tokens(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        return self._outputs(x, masks)
+
+    def forward_features_list(self, xs: list[torch.Tensor], masks: list[torch.Tensor | None]) -> list[dict]:
+        """Several groups of crops (e.g. global and local); one forward per group."""
+        return [self.forward_features(x, m) for x, m in zip(xs, masks)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised [CLS] token, the image's feature."""
+        return self.forward_features(x)["x_norm_clstoken"]
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1, norm: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Outputs of the last `n` blocks (DINO's linear eval concatenates their [CLS] tokens)."""
+        x = self.prepare_tokens(x)
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                outs.append(self._outputs(x, None) if norm else {"x_prenorm": x})
+        return outs
+
+    def get_last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention weights of the last block [B, heads, N, N] (token order: [CLS], registers, patches)."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        return self.blocks[-1].attn.attention_map(self.blocks[-1].norm1(x))
+
+
+def vit(arch: str, patch_size: int = 16, depth: int | None = None, **kwargs) -> VisionTransformer:
+    size = VIT_SIZES[arch]
+    return VisionTransformer(patch_size=patch_size, embed_dim=size.embed_dim, depth=depth or size.depth,
+                             num_heads=size.num_heads, **kwargs)

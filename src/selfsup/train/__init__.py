@@ -1,0 +1,1 @@
+"""Training: the loop, schedules, optimiser groups, checkpoints, distributed helpers."""

@@ -1,0 +1,90 @@
+"""Checkpoints that survive anything: written to a temporary file, fsynced, then renamed into place, so a
+reader only ever sees a complete file. Each holds all a run needs to continue: every network (student,
+teacher, heads), the method's buffers (centre), the optimiser, the step, the config and the RNG states."""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+PATTERN = re.compile(r"^checkpoint-(\d{8})\.pt$")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if PATTERN.match(p.name))
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    path = run_dir / f"checkpoint-{step:08d}.pt"
+    atomic_save(state, path)
+    for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest(run_dir: Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A selfsup checkpoint file, or the latest one of a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest(path)
+        if found is None:
+            raise UserError(f"{path}: no checkpoint-*.pt in this folder (expected a selfsup run folder)")
+        path = found
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is not a checkpoint
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "method_state" not in state or "config" not in state:
+        raise UserError(f"{path}: not a selfsup checkpoint (expected keys 'method_state' and 'config')")
+    return state

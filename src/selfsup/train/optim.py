@@ -1,0 +1,61 @@
+"""Optimiser parameter groups: no weight decay on biases, norms, LayerScale and tokens; layer-wise lr decay
+(DINOv2: multiplier decay^(L + 1 - layer_id), x0.2 more for the patch embedding)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Config
+
+TOKENS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
+
+
+def no_weight_decay(name: str, p: nn.Parameter) -> bool:
+    return p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in TOKENS) or name.endswith(".gamma")
+
+
+def layer_id(name: str, n_layers: int) -> int:
+    """0 for the patch embedding and tokens, i + 1 for block i, n_layers + 1 for the rest (norm, heads)."""
+    if name.startswith("backbone.") and any(t in name for t in TOKENS + ("patch_embed",)):
+        return 0
+    if name.startswith("backbone.blocks."):
+        return int(name.split(".")[2]) + 1
+    return n_layers + 1
+
+
+def param_groups(modules: dict[str, nn.Module], cfg: Config) -> list[dict]:
+    """One group per (weight decay or not, lr multiplier). Each group carries `wd_mult` and `lr_mult`, which the
+    trainer multiplies with the scheduled values at every step."""
+    o = cfg.optim
+    backbone = modules.get("backbone")
+    n_layers = len(getattr(backbone, "blocks", [])) if backbone is not None else 0
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for mod_name, module in modules.items():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            full = f"{mod_name}.{name}"
+            lr_mult = 1.0
+            if o.layerwise_decay != 1.0 and n_layers:
+                lr_mult = o.layerwise_decay ** (n_layers + 1 - layer_id(full, n_layers))
+            if "patch_embed" in full:
+                lr_mult *= o.patch_embed_lr_mult
+            key = (0.0 if no_weight_decay(full, p) else 1.0, lr_mult)
+            groups.setdefault(key, []).append(p)
+    return [{"params": ps, "wd_mult": wd, "lr_mult": lr, "weight_decay": 0.0} for (wd, lr), ps in groups.items()]
+
+
+def build_optimizer(modules: dict[str, nn.Module], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(modules, cfg)
+    if cfg.optim.optimizer == "lars":
+        from .lars import LARS
+
+        return LARS(groups, lr=0.0)
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=fused or None)
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_mult"]
+        g["weight_decay"] = weight_decay * g["wd_mult"]

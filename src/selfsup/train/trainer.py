@@ -1,0 +1,247 @@
+"""The training loop shared by every method: schedules, AMP, compile, checkpoints, resume, logs, evaluation."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..config import Config, save, to_dict
+from ..data.builtin import open_source
+from ..data.loader import MultiCropBatches, epoch_loader
+from ..data.views import MultiCrop, Photometric
+from ..errors import UserError
+from ..methods import build_method
+from ..methods.base import Batch
+from ..nn.attention import attention_backend
+from . import distributed
+from .checkpoint import latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .optim import build_optimizer, set_schedule
+from .schedules import Progress, Schedules
+
+log = logging.getLogger("selfsup")
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: a checkpoint was saved; `--resume` continues."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device={name}: CUDA is not available on this machine (use cpu)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"train.device={name}: expected auto, cpu or cuda")
+    return torch.device(name)
+
+
+def training_source(spec: str):
+    """A labelled source trains on its train split (its test split is held out for evaluation)."""
+    src = open_source(spec)
+    return open_source(spec, "train") if src.labelled else src
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The torch seed of one step (drop path, masking noise): a resumed run repeats it exactly."""
+    return (seed * 1_000_003 + step * 7919 + 12345) % (2**63)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise UserError(f"train.precision={precision}: expected fp32 or bf16")
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out: Path, resume: bool = False):
+        self.cfg, self.out, self.resume = cfg, out, resume
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.source = training_source(cfg.data.source)
+        torch.manual_seed(cfg.train.seed)
+        self.method = build_method(cfg).to(self.device)
+        self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
+        self.batches = MultiCropBatches(self.source, self.multicrop, cfg.optim.batch_size, self.rank, self.world,
+                                        cfg.train.seed)
+        self.steps_per_epoch = len(self.batches)
+        o = cfg.optim
+        self.total_steps = o.steps if o.steps else max(1, int(round(o.epochs * self.steps_per_epoch)))
+        self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch)
+        self.photometric = Photometric(cfg.crops)
+        self.model = self.method  # what forward calls: the method, or its compiled version
+        self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device)
+        self.step = 0
+        self.bad_steps = 0
+        self._signal: int | None = None
+
+    # ----- state -----
+    def state(self) -> dict:
+        return {"method_state": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "config": to_dict(self.cfg), "rng": rng_state(), "method": self.cfg.method,
+                "bad_steps": self.bad_steps}
+
+    def load_state(self, state: dict) -> None:
+        self.method.load_state_dict(state["method_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        set_rng_state(state["rng"])
+
+    def checkpoint(self) -> Path | None:
+        if not distributed.is_main():
+            return None
+        return save_checkpoint(self.out, self.step, self.state(), self.cfg.train.keep_last)
+
+    # ----- one step -----
+    def batch(self, views) -> Batch:
+        views = views.to(self.device)
+        local = self.photometric(views.local_crops) if views.local_crops is not None else None
+        c = self.cfg.crops
+        return Batch(self.photometric(views.global_crops), local, views.masks, views.labels, c.n_global,
+                     c.n_local if local is not None else 0)
+
+    def train_step(self, views) -> dict[str, float] | None:
+        progress = Progress(self.step, self.schedules)
+        lr = float(self.schedules.lr[self.step])
+        wd = float(self.schedules.weight_decay[self.step])
+        set_schedule(self.optimizer, lr, wd)
+        torch.manual_seed(step_seed(self.cfg.train.seed, self.step))
+        batch = self.batch(views)
+        with autocast(self.device, self.cfg.train.precision), attention_backend(self.cfg.train.attention):
+            out = self.model(batch, progress)
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        loss.backward()
+        if self.step < self.schedules.freeze_last_layer_steps:  # DINO: no update of the prototypes at first
+            for p in self.method.last_layer_params():
+                p.grad = None
+        params = [p for m in self.method.student_modules().values() for p in m.parameters() if p.grad is not None]
+        if self.cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.method.after_step(progress)
+        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
+        metrics.update(lr=lr, wd=wd, momentum=progress.momentum)
+        return metrics
+
+    # ----- the run -----
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._signal = signum
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            found = latest(self.out)
+            if found is None:
+                log.info("%s: nothing to resume, starting a new run", self.out)
+            else:
+                self.load_state(load_checkpoint(found))
+                log.info("resumed from %s at step %d", found.name, self.step)
+        elif latest(self.out) is not None:
+            raise UserError(f"{self.out}: this run folder already has checkpoints (pass --resume to continue it, "
+                            "or --out for a new run)")
+        if distributed.is_main():
+            save(cfg, self.out / "config.yaml")
+        if cfg.train.compile:
+            self.model = torch.compile(self.method)
+        log.info("%s on %s: %d images, batch %d, %d steps (%.1f epochs), device %s", cfg.method, self.source.name,
+                 len(self.source), cfg.optim.batch_size, self.total_steps, self.total_steps / self.steps_per_epoch,
+                 self.device)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._loop()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        return self._finish()
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        metrics_file = open(self.out / "metrics.jsonl", "a") if distributed.is_main() else None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not sys.stderr.isatty() or not distributed.is_main(),
+                   dynamic_ncols=True, desc=cfg.method)
+        self.method.train()
+        images_per_step = cfg.optim.batch_size
+        last_t = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                epoch, start = divmod(self.step, self.steps_per_epoch)
+                for views in epoch_loader(self.batches, epoch, start, cfg.data.num_workers):
+                    m = self.train_step(views)
+                    now = time.perf_counter()
+                    ips = images_per_step / max(now - last_t, 1e-9)
+                    last_t = now
+                    self.step += 1
+                    if m is None:
+                        self.bad_steps += 1
+                        log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
+                        if self.bad_steps >= cfg.train.max_bad_steps:
+                            raise UserError(f"{cfg.train.max_bad_steps} non-finite losses in a row at step {self.step}: "
+                                            f"stopped; the last checkpoint in {self.out} is intact (lower optim.lr?)")
+                    else:
+                        self.bad_steps = 0
+                        m.update(step=self.step, epoch=self.step / self.steps_per_epoch, images_per_s=ips)
+                        if metrics_file:
+                            metrics_file.write(json.dumps(m) + "\n")
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.0f}")
+                    bar.update(1)
+                    if self._signal is not None:
+                        path = self.checkpoint()
+                        raise Interrupted(self._signal, f"interrupted at step {self.step}: checkpoint saved to {path}; "
+                                                        "continue with --resume")
+                    if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                        self.periodic_eval(metrics_file)
+                    every = cfg.train.checkpoint_every
+                    if (every and self.step % every == 0) or self.step == self.total_steps:
+                        self.checkpoint()
+                    if self.step >= self.total_steps:
+                        break
+                if not cfg.train.checkpoint_every and self.step % self.steps_per_epoch == 0:
+                    if self.step < self.total_steps:
+                        self.checkpoint()
+                    log.info("epoch %d/%d done", self.step // self.steps_per_epoch,
+                             math.ceil(self.total_steps / self.steps_per_epoch))
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+
+    def periodic_eval(self, metrics_file) -> None:
+        from ..eval.run import knn_of_backbone
+
+        if not distributed.is_main():
+            return
+        res = knn_of_backbone(self.method.backbone(), self.cfg, self.device)
+        if res is not None:
+            log.info("step %d: k-NN top-1 %.2f", self.step, res["top1"])
+            if metrics_file:
+                metrics_file.write(json.dumps({"step": self.step, "knn_top1": res["top1"], "knn_top5": res["top5"]}) + "\n")
+                metrics_file.flush()
+
+    def _finish(self) -> dict:
+        from ..weights import save_backbone
+
+        if not distributed.is_main():
+            return {}
+        save_backbone(self.method.backbone(), self.cfg, self.out / "backbone.safetensors")
+        return {"run": str(self.out), "steps": self.step}

@@ -1,0 +1,1 @@
+"""Pictures: attention maps, PCA of patch features, curves."""
