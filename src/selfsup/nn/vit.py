@@ -127,7 +127,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, embed_dim))
         self.register_tokens = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        rates = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
+        # DINO: rate linear over depth; DINOv2: uniform (plain Python, so the model also builds on the meta device)
+        rates = [drop_path_rate * (1.0 if drop_path_uniform else i / max(depth - 1, 1)) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, layerscale, ffn, eps) for r in rates
         )
