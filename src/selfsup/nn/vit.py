@@ -153,7 +153,7 @@ class VisionTransformer(nn.Module):
         n_grid = pos.shape[1] - 1
         h0, w0 = h // self.patch_size, w // self.patch_size
         m = int(math.sqrt(n_grid))
-        if h0 * w0 == n_grid and h0 == w0:
+        if h0 * w0 == n_grid and h == w:  # as the reference: resample unless square in pixels
             return pos
         patch = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
         if self.interpolate_offset:
