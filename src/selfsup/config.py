@@ -53,7 +53,7 @@ class CropsConfig:
 
 @dataclass
 class BackboneConfig:
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2 | resnet18 | resnet50
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2 | resnet18/34/50/101
     patch_size: int = 16
     depth: int | None = None  # override the arch's number of blocks (small CPU recipes)
     img_size: int = 224  # the position embedding is built for this size and interpolated to others
@@ -63,6 +63,11 @@ class BackboneConfig:
     ffn: str = "mlp"  # mlp | swiglu
     n_registers: int = 0  # DINOv2 "Vision Transformers Need Registers"
     qkv_bias: bool = True
+    # position-embedding resize: bicubic by a factor (n + offset) / M (DINO, DINOv2), or with offset 0 to the
+    # size, antialiased (DINOv2's register models)
+    interpolate_antialias: bool = False
+    interpolate_offset: float = 0.1
+    cifar_stem: bool = False  # ResNet: 3x3 stride-1 first conv and no max-pool, for small images (SimCLR B.9)
 
 
 @dataclass
@@ -86,6 +91,72 @@ class TeacherConfig:
     temp: float = 0.07  # tau_t after the warm-up
     warmup_temp: float = 0.04
     warmup_temp_epochs: float = 30.0
+
+
+@dataclass
+class SimCLRConfig:
+    """SimCLR projection head g(.) and NT-Xent (SimCLR Sec. 2.1, Alg. 1; Appendix B.9)."""
+
+    hidden_dim: int = 2048
+    out_dim: int = 128
+    n_layers: int = 2  # SimCLR v1: 2 (Linear-BN-ReLU-Linear-BN); SimCLR v2: 3
+    temperature: float = 0.1  # tau: 0.1 at batch 4096 (Table 5); 0.5 suits small batches
+
+
+@dataclass
+class MocoConfig:
+    """MoCo v3 (Chen et al., 2021, Alg. 1) by default; version 2 is MoCo v2's queue (He et al. 2020 Sec. 3.2)."""
+
+    version: int = 3  # 3: in-batch negatives, predictor, symmetric loss | 2: queue of negatives, no predictor
+    temperature: float = 0.2  # tau (MoCo v3 ViT: 0.2; MoCo v2: 0.2)
+    hidden_dim: int = 4096  # projector (v3: 3 layers 4096-4096-256; v2: 2 layers 2048-128, no BN)
+    out_dim: int = 256
+    n_layers: int = 3
+    pred_hidden_dim: int = 4096  # v3 predictor: 2 layers 4096-256
+    queue_size: int = 65536  # v2: K keys in the dictionary
+
+
+@dataclass
+class BYOLConfig:
+    """BYOL projector and predictor: Linear(4096)-BN-ReLU-Linear(256) each (BYOL Sec. 3.3)."""
+
+    hidden_dim: int = 4096
+    out_dim: int = 256
+    predictor: bool = True  # False: the ablation that collapses (BYOL Sec. 5, Table 5b)
+
+
+@dataclass
+class IBOTConfig:
+    """iBOT masked image modelling (Zhou et al. 2022 Sec. 3.2); DINOv2's names (ssl_default_config.yaml)."""
+
+    loss_weight: float = 1.0  # L = L_[CLS] + loss_weight x L_MIM
+    mask_sample_probability: float = 0.5  # share of global crops that are masked (iBOT: pred_ratio [0, 0.3])
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)  # masked share of a crop ~ U(0.1, 0.5) (iBOT 0.3 +- 0.2)
+    mask_min_aspect: float = 0.3  # BEiT blocks: aspect ratio in [0.3, 1 / 0.3]
+    separate_head: bool = False  # iBOT: one head for [CLS] and patches; DINOv2: untied heads
+    head_n_prototypes: int = 8192  # used with separate_head; a shared head uses dino.out_dim
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_n_layers: int = 3
+    teacher_temp: float = 0.07  # the patch tokens' own tau_t (iBOT teacher_patch_temp), warmed up like teacher.temp
+    warmup_teacher_temp: float = 0.04
+    center_momentum: float = 0.9  # the patch tokens' own centre
+
+
+@dataclass
+class DINOv2Config:
+    """What DINOv2 adds to iBOT (Oquab et al. 2023 Sec. 4)."""
+
+    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp (SwAV-style, DINOv2) | centering (DINO's centre)
+    sinkhorn_iterations: int = 3
+    koleo_loss_weight: float = 0.1  # KoLeo regulariser on the student's global-crop [CLS] (Sec. 4)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation into a smaller student (DINOv2 Sec. 5): a frozen teacher, a spare EMA of the student."""
+
+    teacher: str | None = None  # a selfsup run folder or checkpoint of dino / ibot / dinov2 (with its heads)
 
 
 @dataclass
@@ -140,6 +211,12 @@ class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    ibot: IBOTConfig = field(default_factory=IBOTConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
