@@ -5,25 +5,26 @@ from torch import nn
 
 from ..config import BackboneConfig
 from ..errors import UserError
+from .resnet import RESNETS, ResNet, resnet
 from .vit import VIT_SIZES, VisionTransformer, vit
 
 
 def build_backbone(name: str, patch_size: int = 16, **options) -> nn.Module:
-    """Any backbone by name: vit_tiny/small/base/large/giant2 (DINOv2's layer sizes) or resnet18/50.
-    Options: depth, img_size, drop_path_rate, drop_path_uniform, layerscale, ffn, n_registers, ..."""
+    """Any backbone by name: vit_tiny/small/base/large/giant2 (DINOv2's layer sizes) or resnet18/34/50/101.
+    ViT options: depth, img_size, drop_path_rate, drop_path_uniform, layerscale, ffn, n_registers, qkv_bias,
+    interpolate_antialias, interpolate_offset; ResNet options: cifar_stem. DINOv2's ViT-g/14 is
+    `build_backbone("vit_giant2", patch_size=14, img_size=518, ffn="swiglu", layerscale=1e-5)`."""
     if name in VIT_SIZES:
         return vit(name, patch_size=patch_size, **options)
-    if name.startswith("resnet"):
-        from .resnet import resnet
-
+    if name in RESNETS:
         return resnet(name, **options)
-    raise UserError(f"unknown backbone '{name}' (expected one of: {', '.join(VIT_SIZES)}, resnet18, resnet50)")
+    raise UserError(f"unknown backbone '{name}' (expected one of: {', '.join(VIT_SIZES)}, {', '.join(RESNETS)})")
 
 
 def backbone_from_config(b: BackboneConfig, drop_path: float | None = None) -> nn.Module:
     """The backbone a config describes; `drop_path` overrides the rate (0 for teachers and evaluation)."""
     if b.arch.startswith("resnet"):
-        return build_backbone(b.arch)
+        return build_backbone(b.arch, cifar_stem=b.cifar_stem)
     return build_backbone(
         b.arch,
         patch_size=b.patch_size,
@@ -35,6 +36,8 @@ def backbone_from_config(b: BackboneConfig, drop_path: float | None = None) -> n
         ffn=b.ffn,
         n_registers=b.n_registers,
         qkv_bias=b.qkv_bias,
+        interpolate_antialias=b.interpolate_antialias,
+        interpolate_offset=b.interpolate_offset,
     )
 
 
@@ -42,4 +45,5 @@ def feature_dim(backbone: nn.Module) -> int:
     return backbone.embed_dim
 
 
-__all__ = ["VisionTransformer", "build_backbone", "backbone_from_config", "feature_dim", "VIT_SIZES"]
+__all__ = ["VisionTransformer", "ResNet", "RESNETS", "VIT_SIZES", "build_backbone", "backbone_from_config",
+           "feature_dim"]
