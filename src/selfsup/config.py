@@ -193,6 +193,7 @@ class TrainConfig:
     keep_last: int = 2
     threads: int | None = None  # torch CPU threads; default: what torch chooses
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+    distributed: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per transformer block) under torchrun
 
 
 @dataclass
