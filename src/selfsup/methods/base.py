@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import BackboneConfig, Config
 from ..train.schedules import Progress
 
 
@@ -48,6 +48,19 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
+
+
+def momentum_teacher(student: nn.ModuleDict, backbone_cfg: BackboneConfig, parts: tuple[str, ...] | None = None
+                     ) -> nn.ModuleDict:
+    """The momentum teacher / target network: theta_t = theta_s at the start, no drop path, no gradient
+    (DINO Sec. 3.1, BYOL Sec. 3.1, MoCo v3 Alg. 1). `parts` picks the student's modules besides the backbone
+    (BYOL and MoCo leave the predictor out); default: all of them."""
+    from ..nn import backbone_from_config
+
+    backbone = backbone_from_config(backbone_cfg, drop_path=0.0)
+    backbone.load_state_dict(student["backbone"].state_dict())
+    rest = {k: m for k, m in student.items() if k != "backbone" and (parts is None or k in parts)}
+    return frozen_copy(nn.ModuleDict({"backbone": backbone, **rest}))
 
 
 class Method(nn.Module):
@@ -93,3 +106,8 @@ class Method(nn.Module):
 
     def teachers(self) -> list[nn.Module]:
         return []
+
+    def backbones(self) -> list[nn.Module]:
+        """Every copy of the backbone that `--init-from` loads pretrained weights into: the student's and its
+        momentum teachers'."""
+        return [self.student_modules()["backbone"]] + [t["backbone"] for t in self.teachers()]

@@ -10,7 +10,7 @@ from ..nn import backbone_from_config, feature_dim
 from ..nn.heads import DINOHead
 from ..train import distributed
 from ..train.schedules import Progress
-from .base import Batch, Method, ema_update, frozen_copy
+from .base import Batch, Method, ema_update, momentum_teacher
 
 
 def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temp: float) -> torch.Tensor:
@@ -34,10 +34,13 @@ def centred_sharpened(teacher_logits: torch.Tensor, center: torch.Tensor, temp: 
 
 @torch.no_grad()
 def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
-    """c <- m c + (1 - m) (1/B) sum_i g_t(x_i) (DINO Eq. 4), the mean over the global batch of all ranks."""
-    batch_sum = distributed.all_reduce_sum(teacher_logits.sum(0, keepdim=True).float())
-    n = teacher_logits.shape[0] * distributed.world_size()
-    center.mul_(momentum).add_(batch_sum / n, alpha=1 - momentum)
+    """c <- m c + (1 - m) (1/B) sum_i g_t(x_i) (DINO Eq. 4), the mean over the rows of all ranks (their counts
+    may differ, as iBOT's masked patches do); no update when there are no rows at all."""
+    rows = teacher_logits.float().reshape(-1, center.shape[-1])
+    count = rows.new_full((1, 1), rows.shape[0])
+    total = distributed.all_reduce_sum(torch.cat([rows.sum(0, keepdim=True), count], dim=1))  # one all-reduce
+    if total[0, -1] > 0:
+        center.mul_(momentum).add_(total[:, :-1] / total[0, -1], alpha=1 - momentum)
 
 
 def entropy(p: torch.Tensor) -> torch.Tensor:
@@ -50,15 +53,16 @@ class DINO(Method):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        d = cfg.dino
-        self.student = nn.ModuleDict({"backbone": backbone_from_config(cfg.backbone)})
-        self.student["head"] = DINOHead(feature_dim(self.student["backbone"]), d.out_dim, d.hidden_dim,
-                                        d.bottleneck_dim, d.n_layers, d.norm_last_layer)
-        teacher = nn.ModuleDict({"backbone": backbone_from_config(cfg.backbone, drop_path=0.0),
-                                 "head": self.student["head"]})
-        teacher["backbone"].load_state_dict(self.student["backbone"].state_dict())
-        self.teacher = frozen_copy(teacher)  # theta_t starts equal to theta_s
-        self.register_buffer("center", torch.zeros(1, d.out_dim))
+        self.student = self.build_student()
+        self.teacher = momentum_teacher(self.student, cfg.backbone)  # theta_t starts equal to theta_s
+        self.register_buffer("center", torch.zeros(1, cfg.dino.out_dim))
+
+    def build_student(self) -> nn.ModuleDict:
+        d = self.cfg.dino
+        backbone = backbone_from_config(self.cfg.backbone)
+        head = DINOHead(feature_dim(backbone), d.out_dim, d.hidden_dim, d.bottleneck_dim, d.n_layers,
+                        d.norm_last_layer)
+        return nn.ModuleDict({"backbone": backbone, "head": head})
 
     def teachers(self) -> list[nn.Module]:
         return [self.teacher]
