@@ -5,7 +5,15 @@ from ..config import Config
 from ..errors import UserError
 from .base import Method
 
-METHODS = {"dino": "dino.DINO"}
+METHODS = {
+    "simclr": "simclr.SimCLR",
+    "moco": "moco.MoCo",
+    "byol": "byol.BYOL",
+    "dino": "dino.DINO",
+    "ibot": "ibot.IBOT",
+    "dinov2": "dinov2.DINOv2",
+    "distill": "distill.Distill",
+}
 
 
 def build_method(cfg: Config) -> Method:

@@ -43,3 +43,28 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+
+
+class ProjectionMLP(nn.Module):
+    """The projector / predictor of SimCLR, MoCo and BYOL: n_layers Linear layers, each hidden one followed by
+    BatchNorm (if `bn`) and ReLU. `last_bn` ends with a BatchNorm without affine parameters (SimCLR's and
+    MoCo v3's projectors); Linear layers followed by BatchNorm have no bias (MoCo v3's `_build_mlp`)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_layers: int = 2, bn: bool = True,
+                 last_bn: bool = False):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for i in range(n_layers):
+            last = i == n_layers - 1
+            followed_by_bn = (bn and not last) or (last and last_bn)
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not followed_by_bn))
+            if not last:
+                layers += [nn.BatchNorm1d(dims[i + 1])] if bn else []
+                layers.append(nn.ReLU(inplace=True))
+            elif last_bn:
+                layers.append(nn.BatchNorm1d(dims[i + 1], affine=False))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)

@@ -1,0 +1,74 @@
+"""DINOv2 (Oquab et al., 2023): iBOT with untied heads, Sinkhorn-Knopp targets and the KoLeo regulariser.
+LayerScale, SwiGLU, registers and uniform stochastic depth are backbone options (see dinov2_*.yaml)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..errors import UserError
+from ..train import distributed
+from .ibot import IBOT
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp (SwAV Sec. 3.1; DINOv2 Sec. 4), in float32: Q = exp(logits / tau)^T
+    [K, B] scaled alternately so that each prototype's row sums to 1/K and each sample's column to 1/B; the
+    total and the row sums are summed over ranks, B is the global row count. Rows of the result sum to 1.
+    The global maximum is subtracted first: Q is rescaled to sum 1 anyway, and exp cannot overflow."""
+    logits = logits.float()
+    peak = logits.max().reshape(1) if logits.numel() else logits.new_full((1,), float("-inf"))
+    q = torch.exp((logits - distributed.all_reduce_max(peak)) / temp).T
+    tiny = torch.finfo(q.dtype).tiny
+    n_samples = distributed.all_reduce_sum(q.new_full((1,), q.shape[1]))
+    n_prototypes = q.shape[0]
+    q /= distributed.all_reduce_sum(q.sum().reshape(1)).clamp_min(tiny)
+    for _ in range(n_iterations):
+        q /= distributed.all_reduce_sum(q.sum(1, keepdim=True)).clamp_min(tiny)
+        q /= n_prototypes
+        q /= q.sum(0, keepdim=True).clamp_min(tiny)
+        q /= n_samples
+    return (q * n_samples).T
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (Sablayrolles et al., 2019; DINOv2 Sec. 4): -1/n sum_i log(min_{j != i} ||x_i - x_j||) on
+    L2-normalised features, in float32. Finite where the reference is not: 0 for a single sample (no
+    neighbour), and a distance of sqrt(|x_i - x_j|^2 + eps^2) keeps duplicates finite with finite gradients."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+        n = x.shape[0]
+        if n < 2:
+            return x.sum() * 0.0
+        dots = (x @ x.T).masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("-inf"))
+        nearest = dots.argmax(dim=1)  # the nearest neighbour on the sphere: the largest dot product
+        dist = torch.sqrt((x - x[nearest]).pow(2).sum(-1) + eps * eps)
+        return -torch.log(dist + eps).mean()
+
+
+class DINOv2(IBOT):
+    name = "dinov2"
+
+    def __init__(self, cfg: Config):
+        if cfg.dinov2.centering not in ("sinkhorn_knopp", "centering"):
+            raise UserError(f"dinov2.centering={cfg.dinov2.centering}: expected sinkhorn_knopp or centering")
+        super().__init__(cfg)
+
+    def teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+        if self.cfg.dinov2.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temp, self.cfg.dinov2.sinkhorn_iterations)
+        return super().teacher_probs(logits, center, temp)
+
+    def update_centers(self, cls_logits: torch.Tensor, patch_logits: torch.Tensor) -> None:
+        if self.cfg.dinov2.centering == "centering":
+            super().update_centers(cls_logits, patch_logits)
+
+    def regularisers(self, student_global_cls: torch.Tensor) -> dict[str, torch.Tensor]:
+        """KoLeo on the backbone's [CLS] before the head, per global crop, summed over the crops (DINOv2
+        ssl_meta_arch.py), weight 0.1."""
+        w = self.cfg.dinov2.koleo_loss_weight
+        if w == 0:
+            return {}
+        crops = student_global_cls.chunk(self.cfg.crops.n_global)
+        return {"koleo": w * sum(koleo_loss(c) for c in crops)}

@@ -1,0 +1,60 @@
+"""MoCo: momentum contrast. v3 by default (Chen, Xie & He, 2021), v2's queue as an option (Chen et al., 2020)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..errors import UserError
+from ..nn.heads import ProjectionMLP
+from ..train import distributed
+from ..train.schedules import Progress
+from .base import Batch
+from .contrastive import info_nce, info_nce_queue
+from .siamese import MomentumSiamese
+
+
+class MoCo(MomentumSiamese):
+    """v3 (Alg. 1): q = predictor(projector(f_q(x))), k = projector(f_k(x)) with f_k a momentum encoder;
+    loss ctr(q1, k2) + ctr(q2, k1) with the global batch's keys as negatives.
+    v2: no predictor, a 2-layer MLP projector without BN, one query view against its key and a queue of K
+    negative keys, momentum 0.999 (set teacher.momentum = teacher.momentum_end = 0.999 in the recipe)."""
+
+    name = "moco"
+
+    def __init__(self, cfg: Config):
+        m = cfg.moco
+        if m.version not in (2, 3):
+            raise UserError(f"moco.version={m.version}: expected 2 or 3")
+        v3 = m.version == 3
+
+        def projector(d: int) -> nn.Module:  # v3: BN in every layer, the last without affine; v2: no BN
+            return ProjectionMLP(d, m.hidden_dim, m.out_dim, m.n_layers, bn=v3, last_bn=v3)
+
+        predictor = ProjectionMLP(m.out_dim, m.pred_hidden_dim, m.out_dim, 2) if v3 else nn.Identity()
+        super().__init__(cfg, projector, predictor)
+        if not v3:
+            if m.queue_size % cfg.optim.batch_size:
+                raise UserError(f"moco.queue_size={m.queue_size} must be a multiple of optim.batch_size "
+                                f"({cfg.optim.batch_size}), so whole batches enter and leave the queue")
+            self.register_buffer("queue", F.normalize(torch.randn(m.queue_size, m.out_dim), dim=1))
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
+        m = self.cfg.moco
+        if m.version == 3:
+            (q1, q2), (k2, k1) = self.views(batch)
+            return {"loss": info_nce(q1, k2, m.temperature) + info_nce(q2, k1, m.temperature)}
+        (q1,), (k2,) = self.views(batch, query=(0,), key=(1,))
+        loss = info_nce_queue(q1, k2, self.queue.clone(), m.temperature)  # the queue changes below
+        self.enqueue(F.normalize(k2, dim=-1))
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """The newest keys of all ranks replace the oldest ones (MoCo Sec. 3.2)."""
+        keys = distributed.all_gather(keys)
+        ptr = int(self.queue_ptr)
+        self.queue[ptr : ptr + keys.shape[0]] = keys
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % self.queue.shape[0])
