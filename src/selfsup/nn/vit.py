@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, Packing
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,33 @@ VIT_SIZES = {
 }
 
 
-def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Stochastic depth (Huang et al.): drop the residual branch of a whole sample, rescale the rest."""
+def drop_path(x: torch.Tensor, rate: float, training: bool, packing: Packing | None = None) -> torch.Tensor:
+    """Stochastic depth (Huang et al.): drop the residual branch of a whole sample, rescale the rest.
+    x: [B, ...], or packed [T, C] tokens whose samples `packing` describes."""
     if rate == 0.0 or not training:
         return x
     keep = 1.0 - rate
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    if packing is None:
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    else:
+        tokens = torch.tensor([n for b, n in packing.shapes for _ in range(b)], device=x.device)
+        mask = x.new_empty(len(tokens)).bernoulli_(keep).repeat_interleave(tokens).unsqueeze(-1)
     return x * mask / keep
+
+
+def sample_subset(packing: Packing, rate: float, device: torch.device) -> tuple[torch.Tensor, Packing, torch.Tensor]:
+    """Efficient stochastic depth (DINOv2 layers/block.py): in each group of B samples keep a random subset of
+    max(int(B (1 - rate)), 1), to be scaled by B / subset so that the sum is unbiased. Returns the kept token rows,
+    their packing and the per-row scale [rows, 1]."""
+    rows, shapes, scales, offset = [], [], [], 0
+    for b, n in packing.shapes:
+        k = max(int(b * (1.0 - rate)), 1)
+        kept = torch.randperm(b, device=device)[:k]
+        rows.append((offset + kept.unsqueeze(1) * n + torch.arange(n, device=device)).flatten())
+        shapes.append((k, n))
+        scales.append(torch.full((k * n, 1), b / k, device=device))
+        offset += b * n
+    return torch.cat(rows), Packing(tuple(shapes)), torch.cat(scales)
 
 
 class LayerScale(nn.Module):
@@ -81,7 +102,7 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
-                 layerscale: float | None, ffn: str, eps: float):
+                 layerscale: float | None, ffn: str, eps: float, drop_path_efficient: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
@@ -90,10 +111,25 @@ class Block(nn.Module):
         self.mlp = (SwiGLU if ffn == "swiglu" else Mlp)(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path = drop_path
+        self.drop_path_efficient = drop_path_efficient
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + drop_path(self.ls1(self.attn(self.norm1(x), attn_mask)), self.drop_path, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+    def residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor, Packing], torch.Tensor],
+                 packing: Packing) -> torch.Tensor:
+        """x + drop_path(branch(x)). Above rate 0.1 (where DINOv2 finds it outweighs its overhead) the branch runs on
+        the kept samples only: the dropped ones skip its computation."""
+        rate = self.drop_path if self.training else 0.0
+        if rate > 0.1 and self.drop_path_efficient:
+            rows, subset, scale = sample_subset(packing, rate, x.device)
+            return x.index_add(0, rows, (branch(x[rows], subset) * scale).to(x.dtype))
+        return x + drop_path(branch(x, packing), rate, self.training, packing)
+
+    def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """x: [B, N, C], or packed [T, C] tokens with their `packing`."""
+        if packing is None:
+            b, n, c = x.shape
+            return self.forward(x.reshape(b * n, c), Packing(((b, n),))).view(b, n, c)
+        x = self.residual(x, lambda y, p: self.ls1(self.attn(self.norm1(y), p)), packing)
+        return self.residual(x, lambda y, p: self.ls2(self.mlp(self.norm2(y))), packing)
 
 
 class VisionTransformer(nn.Module):
@@ -115,10 +151,13 @@ class VisionTransformer(nn.Module):
         interpolate_offset: float = 0.1,
         eps: float = 1e-6,
         in_chans: int = 3,
+        drop_path_efficient: bool = True,
+        packing: bool = True,
     ):
         super().__init__()
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.n_registers = n_registers
+        self.packing = packing  # forward_features_list: one packed forward for all groups of crops
         self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
@@ -130,7 +169,8 @@ class VisionTransformer(nn.Module):
         # DINO: rate linear over depth; DINOv2: uniform (plain Python, so the model also builds on the meta device)
         rates = [drop_path_rate * (1.0 if drop_path_uniform else i / max(depth - 1, 1)) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, layerscale, ffn, eps) for r in rates
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r, layerscale, ffn, eps, drop_path_efficient)
+            for r in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         self._init_weights()
@@ -195,8 +235,14 @@ class VisionTransformer(nn.Module):
         return self._outputs(x, masks)
 
     def forward_features_list(self, xs: list[torch.Tensor], masks: list[torch.Tensor | None]) -> list[dict]:
-        """Several groups of crops (e.g. global and local); one forward per group."""
-        return [self.forward_features(x, m) for x, m in zip(xs, masks)]
+        """Several groups of crops (e.g. global and local) in one packed forward (their tokens concatenated,
+        attention block-diagonal), or one forward per group when `self.packing` is off. Same results."""
+        if not self.packing or len(xs) == 1:
+            return [self.forward_features(x, m) for x, m in zip(xs, masks)]
+        x, packing = Packing.pack([self.prepare_tokens(x, m) for x, m in zip(xs, masks)])
+        for blk in self.blocks:
+            x = blk(x, packing)
+        return [self._outputs(t, m) for t, m in zip(packing.unpack(x), masks)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The normalised [CLS] token, the image's feature."""

@@ -20,7 +20,7 @@ from ..data.views import MultiCrop, Photometric
 from ..errors import UserError
 from ..methods import build_method
 from ..methods.base import Batch
-from ..nn.attention import attention_backend
+from ..nn.attention import set_attention_backend
 from . import distributed
 from .checkpoint import latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .optim import build_optimizer, set_schedule
@@ -76,6 +76,7 @@ class Trainer:
         self.source = training_source(cfg.data.source)
         torch.manual_seed(cfg.train.seed)
         self.method = build_method(cfg).to(self.device)
+        set_attention_backend(self.method, cfg.train.attention, self.device)  # training and evaluation
         self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
         self.batches = MultiCropBatches(self.source, self.multicrop, cfg.optim.batch_size, self.rank, self.world,
                                         cfg.train.seed)
@@ -123,7 +124,7 @@ class Trainer:
         set_schedule(self.optimizer, lr, wd)
         torch.manual_seed(step_seed(self.cfg.train.seed, self.step))
         batch = self.batch(views)
-        with autocast(self.device, self.cfg.train.precision), attention_backend(self.cfg.train.attention):
+        with autocast(self.device, self.cfg.train.precision):
             out = self.model(batch, progress)
         loss = out["loss"]
         if not torch.isfinite(loss.detach()):
