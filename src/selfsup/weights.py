@@ -1,10 +1,14 @@
-"""Backbone weights in and out: a selfsup export (safetensors + a JSON config), a run folder, a checkpoint."""
+"""Backbone weights in and out: a selfsup export (safetensors + a JSON config), a run folder, a checkpoint, or
+an official DINO/DINOv2 file (see `official.py`)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -12,13 +16,13 @@ from .config import BackboneConfig, Config, apply, to_dict
 from .errors import UserError
 from .nn import backbone_from_config
 
+EXPECTED = ("a selfsup run folder, a selfsup checkpoint (.pt), a selfsup safetensors export, or an official "
+            "DINO/DINOv2 backbone or training checkpoint (.pth)")
 
-def save_backbone(backbone: nn.Module, cfg: Config, path: Path) -> None:
+
+def _export(backbone: nn.Module, meta: dict, path: Path) -> None:
     """Weights as safetensors, the architecture beside them as JSON (`<name>.json`); both written atomically."""
-    import os
-
-    meta = {"backbone": to_dict(cfg.backbone), "method": cfg.method, "image_size": cfg.crops.global_size,
-            "mean": list(cfg.crops.mean), "std": list(cfg.crops.std)}
+    path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"selfsup": json.dumps(meta)})
@@ -27,6 +31,12 @@ def save_backbone(backbone: nn.Module, cfg: Config, path: Path) -> None:
     tmp_json = json_path.with_name(f".{json_path.name}.tmp")
     tmp_json.write_text(json.dumps(meta, indent=2))
     os.replace(tmp_json, json_path)
+
+
+def save_backbone(backbone: nn.Module, cfg: Config, path: Path) -> None:
+    """Export a run's backbone with its architecture, input size and normalisation."""
+    _export(backbone, {"backbone": to_dict(cfg.backbone), "method": cfg.method, "image_size": cfg.crops.global_size,
+                       "mean": list(cfg.crops.mean), "std": list(cfg.crops.std)}, path)
 
 
 class Loaded:
@@ -41,41 +51,83 @@ class Loaded:
         torch.manual_seed(seed)
         return backbone_from_config(self.config, drop_path=0.0).eval()
 
+    def save(self, path: str | Path) -> None:
+        """Export to safetensors (official weights become a selfsup export, loadable without their format)."""
+        _export(self.backbone, {"backbone": to_dict(self.config), "method": None, "image_size": self.image_size,
+                                "mean": list(self.mean), "std": list(self.std), "source": self.source}, Path(path))
 
-def _from_meta(meta: dict, state: dict[str, torch.Tensor], where: str) -> Loaded:
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, optional: Sequence[str] = ()) -> None:
+    """Load every tensor of `state` into `model`, by name and shape; only entries whose names end with one of
+    `optional` may be missing (they keep their initial values)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(tuple(optional))]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+              if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{where}: the weights do not match the architecture (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}, shapes {shapes[:3]})")
+    model.load_state_dict(state, strict=False)
+
+
+def _from_export(path: Path) -> Loaded:
+    with safe_open(str(path), "pt") as f:
+        meta = (f.metadata() or {}).get("selfsup")
+    state = load_file(str(path))
+    if meta is None:  # official weights converted to safetensors
+        from .official import from_object
+
+        loaded = from_object(state, str(path))
+        if loaded is None:
+            raise UserError(f"{path}: a safetensors file without selfsup metadata or official key names "
+                            f"(expected {EXPECTED})")
+        return loaded
+    meta = json.loads(meta)
     b = BackboneConfig()
-    apply(b, meta["backbone"], where)
+    apply(b, meta["backbone"], str(path))
     backbone = backbone_from_config(b, drop_path=0.0)
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{where}: weights do not match the architecture (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]})")
-    return Loaded(backbone.eval(), b, meta["image_size"], meta["mean"], meta["std"], where)
+    load_strict(backbone, state, str(path))
+    return Loaded(backbone.eval(), b, meta["image_size"], meta["mean"], meta["std"], str(path))
 
 
-def load(path: str | Path) -> Loaded:
-    """A backbone from a run folder, a selfsup checkpoint (.pt) or a safetensors export."""
-    from .train.checkpoint import load_checkpoint
-
-    path = Path(path)
-    if path.is_dir() and (path / "backbone.safetensors").exists():
-        path = path / "backbone.safetensors"
-    if path.suffix == ".safetensors":
-        if not path.exists():
-            raise UserError(f"{path}: no such file or directory")
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = (f.metadata() or {}).get("selfsup")
-        if meta is None:
-            raise UserError(f"{path}: a safetensors file without selfsup metadata (expected an export of selfsup)")
-        return _from_meta(json.loads(meta), load_file(str(path)), str(path))
-    state = load_checkpoint(path)
-    cfg = Config()
-    apply(cfg, state["config"], str(path))
+def _from_checkpoint(state: dict, where: str) -> Loaded:
     from .methods import build_method
 
+    cfg = Config()
+    apply(cfg, state["config"], where)
     method = build_method(cfg)
     method.load_state_dict(state["method_state"])
     return Loaded(method.backbone().eval(), cfg.backbone, cfg.crops.global_size, cfg.crops.mean, cfg.crops.std,
-                  str(path))
+                  where)
+
+
+def load(path: str | Path) -> Loaded:
+    """A backbone in eval mode from a run folder (its export, else its latest checkpoint), a selfsup checkpoint,
+    a safetensors export, or an official DINO/DINOv2 file. A .pt/.pth file is a pickle: load only files you
+    trust."""
+    from .official import from_object
+    from .train.checkpoint import latest
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory (expected {EXPECTED})")
+    if path.is_dir():
+        found = path / "backbone.safetensors"
+        found = found if found.exists() else latest(path)
+        if found is None:
+            raise UserError(f"{path}: a folder without backbone.safetensors or checkpoint-*.pt (expected {EXPECTED})")
+        path = found
+    if path.suffix == ".safetensors":
+        return _from_export(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is none of the formats
+        raise UserError(f"{path}: not a readable PyTorch file ({type(e).__name__}; expected {EXPECTED})") from None
+    if isinstance(obj, dict) and "method_state" in obj and "config" in obj:
+        return _from_checkpoint(obj, str(path))
+    loaded = from_object(obj, str(path))
+    if loaded is None:
+        keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path}: no backbone in a known format (found {keys}; expected {EXPECTED})")
+    return loaded
