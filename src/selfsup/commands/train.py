@@ -103,17 +103,20 @@ def print_table(table: dict, cfg: Config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.run import final_table
+    from ..train import distributed
     from ..train.trainer import Interrupted, Trainer
 
     cfg, recipe = resolve_config(args)
     out = run_folder(cfg, args.out, args.resume)
     log.info("recipe %s -> run folder %s", recipe, out)
-    trainer = Trainer(cfg, out, resume=args.resume)
     try:
+        trainer = Trainer(cfg, out, resume=args.resume)
         result = trainer.fit()
     except Interrupted as e:
         log.warning(str(e))
         return e.exit_code
+    finally:
+        distributed.shutdown()  # torchrun's process group, if any: the evaluation below is rank 0's alone
     if not result:  # not the main process
         return 0
     table = final_table(trainer.method.backbone(), cfg, trainer.device) if cfg.eval.final else None

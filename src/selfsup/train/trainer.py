@@ -69,13 +69,13 @@ def autocast(device: torch.device, precision: str):
 class Trainer:
     def __init__(self, cfg: Config, out: Path, resume: bool = False):
         self.cfg, self.out, self.resume = cfg, out, resume
-        self.device = resolve_device(cfg.train.device)
+        self.device = distributed.init(resolve_device(cfg.train.device))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.source = training_source(cfg.data.source)
         torch.manual_seed(cfg.train.seed)
-        self.method = build_method(cfg).to(self.device)
+        self.method = distributed.sync_batchnorm(build_method(cfg), self.device).to(self.device)
         set_attention_backend(self.method, cfg.train.attention, self.device)  # training and evaluation
         self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
         self.batches = MultiCropBatches(self.source, self.multicrop, cfg.optim.batch_size, self.rank, self.world,
@@ -85,11 +85,12 @@ class Trainer:
         self.total_steps = o.steps if o.steps else max(1, int(round(o.epochs * self.steps_per_epoch)))
         self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch)
         self.photometric = Photometric(cfg.crops)
-        self.model = self.method  # what forward calls: the method, or its compiled version
+        self.model = distributed.wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
         self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device)
         self.step = 0
         self.bad_steps = 0
         self._signal: int | None = None
+        self.stop = False  # a signal reached some rank: every rank stops after this step
 
     # ----- state -----
     def state(self) -> dict:
@@ -124,13 +125,16 @@ class Trainer:
         set_schedule(self.optimizer, lr, wd)
         torch.manual_seed(step_seed(self.cfg.train.seed, self.step))
         batch = self.batch(views)
+        saved = [b.detach().clone() for b in self.method.buffers()]  # DINO's centre, BatchNorm statistics
         with autocast(self.device, self.cfg.train.precision):
             out = self.model(batch, progress)
-        loss = out["loss"]
-        if not torch.isfinite(loss.detach()):
+        out["loss"].backward()  # on every rank, even for a non-finite loss: DDP averages the gradients of all
+        metrics = self.reduce_metrics(out)
+        if not math.isfinite(metrics["loss"]):  # skip the step: parameters, optimiser and buffers untouched
             self.optimizer.zero_grad(set_to_none=True)
+            for b, old in zip(self.method.buffers(), saved):
+                b.copy_(old)
             return None
-        loss.backward()
         if self.step < self.schedules.freeze_last_layer_steps:  # DINO: no update of the prototypes at first
             for p in self.method.last_layer_params():
                 p.grad = None
@@ -140,9 +144,19 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(progress)
-        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in out.items()}
         metrics.update(lr=lr, wd=wd, momentum=progress.momentum)
         return metrics
+
+    def reduce_metrics(self, out: dict) -> dict[str, float]:
+        """The global means of the per-rank losses and metrics, in one all-reduce that also tells every rank
+        whether any was signalled (so that all stop after the same step)."""
+        values = [torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().reshape(()) for v in out.values()]
+        flag = torch.tensor(float(self._signal or 0), device=self.device)
+        *means, signalled = distributed.mean_over_ranks(torch.stack([*values, flag])).tolist()
+        if signalled:
+            self._signal = self._signal or signal.SIGTERM
+            self.stop = True
+        return dict(zip(out, means))
 
     # ----- the run -----
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
@@ -164,7 +178,7 @@ class Trainer:
         if distributed.is_main():
             save(cfg, self.out / "config.yaml")
         if cfg.train.compile:
-            self.model = torch.compile(self.method)
+            self.model = torch.compile(self.model)
         log.info("%s on %s: %d images, batch %d, %d steps (%.1f epochs), device %s", cfg.method, self.source.name,
                  len(self.source), cfg.optim.batch_size, self.total_steps, self.total_steps / self.steps_per_epoch,
                  self.device)
@@ -206,7 +220,7 @@ class Trainer:
                             metrics_file.write(json.dumps(m) + "\n")
                         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.0f}")
                     bar.update(1)
-                    if self._signal is not None:
+                    if self.stop:
                         path = self.checkpoint()
                         raise Interrupted(self._signal, f"interrupted at step {self.step}: checkpoint saved to {path}; "
                                                         "continue with --resume")

@@ -1,0 +1,149 @@
+"""Two processes (gloo, CPU) with batch B/2 each must train exactly like one process with batch B.
+
+All multi-process cases run in one spawn of two workers (process start-up is the slow part on a shared CPU);
+each worker trains every case, then saves what its rank ended with, and the tests compare.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from selfsup.config import Config, apply
+from selfsup.methods import METHODS
+from selfsup.train import distributed
+from selfsup.train.trainer import Trainer
+
+STEPS = 5
+
+
+def tiny(method: str, **extra) -> Config:
+    cfg = Config()
+    values = {
+        "method": method,
+        "data": {"source": "digits", "num_workers": 0},
+        "backbone": {"arch": "vit_tiny", "patch_size": 4, "depth": 1, "img_size": 16, "drop_path": 0.0},
+        "crops": {"global_size": 16, "local_size": 8, "n_local": 2},
+        "optim": {"steps": STEPS, "batch_size": 8, "warmup_epochs": 0.0},
+        "train": {"device": "cpu", "threads": 1},
+        "eval": {"final": False},
+    }
+    values.update(extra)
+    apply(cfg, values, "test")
+    return cfg
+
+
+CASES = {"dino": tiny("dino", dino={"out_dim": 256, "hidden_dim": 64, "bottleneck_dim": 32})}
+if "simclr" in METHODS:
+    CASES["simclr"] = tiny("simclr", crops={"global_size": 16, "local_size": 8, "n_local": 0})
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def batchnorm_case(out: Path) -> None:
+    """A conv + BatchNorm net: each rank holds half of a batch of 8; saves outputs, gradients, running stats."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    net = distributed.sync_batchnorm(net, torch.device("cpu"))
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    share = x.chunk(distributed.world_size())[distributed.rank()]
+    model = nn.parallel.DistributedDataParallel(net) if distributed.enabled() else net
+    y = model(share)
+    (y ** 2).mean().backward()
+    torch.save({"y": distributed.all_gather(y.detach()), "grads": [p.grad for p in net.parameters()],
+                "running": [net[1].running_mean, net[1].running_var]}, out / f"bn-{distributed.rank()}.pt")
+
+
+def worker(rank: int, world: int, port: int, out: Path) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    distributed.init(torch.device("cpu"))
+    for name, cfg in CASES.items():
+        trainer = Trainer(cfg, out / name)
+        trainer.fit()
+        torch.save(trainer.method.state_dict(), out / name / f"state-{rank}.pt")
+    batchnorm_case(out)
+    distributed.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path]:
+    """(two ranks, one process) run folders of every case."""
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    mp.spawn(worker, args=(2, free_port(), two), nprocs=2, join=True)
+    for name, cfg in CASES.items():
+        trainer = Trainer(cfg, one / name)
+        trainer.fit()
+        torch.save(trainer.method.state_dict(), one / name / "state-0.pt")
+    batchnorm_case(one)
+    return two, one
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_train_like_one_process(runs, name):
+    two, one = runs
+    l2, l1 = losses(two / name), losses(one / name)
+    assert len(l1) == len(l2) == STEPS
+    assert l2 == pytest.approx(l1, abs=1e-5, rel=0)
+    assert len(set(l1)) == STEPS  # the steps really differ (a constant would also "match")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ranks_end_identical_and_equal_to_one_process(runs, name):
+    """The teacher EMA (and every buffer, e.g. DINO's centre) is bit-identical on every rank, and equal to
+    one process's with the whole batch up to float noise (which the optimiser's normalisation amplifies on
+    parameters whose gradients are near zero)."""
+    two, one = runs
+    s0, s1, ref = (torch.load(p) for p in (two / name / "state-0.pt", two / name / "state-1.pt",
+                                            one / name / "state-0.pt"))
+    for k in ref:
+        assert torch.equal(s0[k], s1[k]), k
+        torch.testing.assert_close(s0[k], ref[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_only_rank_zero_writes(runs):
+    two, _ = runs
+    run = two / "dino"
+    assert (run / "metrics.jsonl").exists() and (run / "backbone.safetensors").exists()
+    assert len(list(run.glob("checkpoint-*.pt"))) == 1
+    assert not list(run.glob(".*tmp*"))
+
+
+def test_global_batchnorm_matches_one_process_batch(runs):
+    """BatchNorm statistics over the global batch: outputs, gradients (averaged by DDP) and running
+    statistics of two ranks equal one process's with the whole batch."""
+    two, one = runs
+    ref = torch.load(one / "bn-0.pt")
+    for r in range(2):
+        got = torch.load(two / f"bn-{r}.pt")
+        torch.testing.assert_close(got["y"], ref["y"], atol=1e-6, rtol=1e-5)
+        for g, g_ref in zip(got["grads"], ref["grads"]):
+            torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+        for s, s_ref in zip(got["running"], ref["running"]):
+            torch.testing.assert_close(s, s_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_per_rank_batchnorm_would_differ(runs):
+    """The check above can fail: BatchNorm over each half alone gives other outputs."""
+    _, one = runs
+    ref = torch.load(one / "bn-0.pt")["y"]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    halves = torch.cat([net(h) for h in x.chunk(2)]).detach()
+    assert not torch.allclose(halves, ref, atol=1e-3)
