@@ -193,11 +193,13 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (pixels); kernel radius 3 sigma, reflect padding."""
+    """Separable Gaussian blur with a per-image sigma (pixels); kernel radius 3 sigma, reflect padding.
+    Each image's kernel is cut at its own radius, so its result does not depend on the rest of the batch."""
     n, ch, hgt, wid = x.shape
     radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), min(hgt, wid) - 1))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    own = (3 * sigma).ceil().clamp(1, radius).view(-1, 1)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2) * (t.abs().view(1, -1) <= own)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # [n * ch, K]
     y = x.reshape(1, n * ch, hgt, wid)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(n * ch, 1, 1, -1), groups=n * ch)
