@@ -34,6 +34,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (or the latest default run folder)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from pretrained weights: a selfsup run folder or checkpoint (heads included when the "
+                   "method and shapes match), a backbone export, or official DINO/DINOv2 weights; the backbone "
+                   "architecture is taken from it")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(run=run)
@@ -94,7 +98,8 @@ def run_folder(cfg: Config, explicit: str | None, resume: bool) -> Path:
 def print_table(table: dict, cfg: Config) -> None:
     spec = cfg.data.eval_source or cfg.data.source
     print(f"\nweighted k-NN (k={cfg.eval.k}, T={cfg.eval.temperature}) on the test split of {spec}:")
-    rows = [("trained (teacher backbone)" if cfg.method in ("dino", "ibot", "dinov2") else "trained backbone", "trained"),
+    kept = {"dino": "teacher backbone", "ibot": "teacher backbone", "dinov2": "teacher backbone", "distill": "student EMA"}
+    rows = [(f"trained ({kept.get(cfg.method, 'backbone')})", "trained"),
             ("same architecture, random init", "random_init"), ("raw pixels", "raw_pixels")]
     for label, key in rows:
         r = table[key]
@@ -103,20 +108,21 @@ def print_table(table: dict, cfg: Config) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..eval.run import final_table
-    from ..train import distributed
+    from ..methods import resolve_init
     from ..train.trainer import Interrupted, Trainer
 
     cfg, recipe = resolve_config(args)
+    init = resolve_init(cfg, args.init_from) if args.init_from else None
     out = run_folder(cfg, args.out, args.resume)
     log.info("recipe %s -> run folder %s", recipe, out)
+    trainer = Trainer(cfg, out, resume=args.resume)
+    if init is not None:  # a resumed run then continues from its own checkpoint instead
+        log.info("--init-from %s: loaded %s", args.init_from, init(trainer.method))
     try:
-        trainer = Trainer(cfg, out, resume=args.resume)
         result = trainer.fit()
     except Interrupted as e:
         log.warning(str(e))
         return e.exit_code
-    finally:
-        distributed.shutdown()  # torchrun's process group, if any: the evaluation below is rank 0's alone
     if not result:  # not the main process
         return 0
     table = final_table(trainer.method.backbone(), cfg, trainer.device) if cfg.eval.final else None
