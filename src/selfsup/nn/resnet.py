@@ -100,6 +100,10 @@ class ResNet(nn.Module):
         fmap = self.feature_map(x)
         return {"x_norm_clstoken": fmap.mean((2, 3)), "x_norm_patchtokens": fmap.flatten(2).transpose(1, 2)}
 
+    def forward_features_list(self, xs: list[torch.Tensor], masks: list[None]) -> list[dict[str, torch.Tensor]]:
+        """Groups of crops of different sizes (DINO's multi-crop), one forward each."""
+        return [self.forward_features(x, m) for x, m in zip(xs, masks)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Globally average-pooled features [B, embed_dim] (torchvision's model up to, not including, `fc`)."""
         return self.feature_map(x).mean((2, 3))
