@@ -3,6 +3,7 @@ reader only ever sees a complete file. Each holds all a run needs to continue: e
 teacher, heads), the method's buffers (centre), the optimiser, the step, the config and the RNG states."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -14,7 +15,9 @@ import torch
 
 from ..errors import UserError
 
+log = logging.getLogger("selfsup")
 PATTERN = re.compile(r"^checkpoint-(\d{8})\.pt$")
+TEMPORARY = ".checkpoint-*.pt.tmp-*"  # what a writer killed mid-write leaves behind
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -59,16 +62,29 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Save, then delete all but the last `keep_last` checkpoints and any temporary file of a killed writer."""
     path = run_dir / f"checkpoint-{step:08d}.pt"
     atomic_save(state, path)
     for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
+    for stale in run_dir.glob(TEMPORARY):
+        stale.unlink(missing_ok=True)
     return path
 
 
 def latest(run_dir: Path) -> Path | None:
     found = checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint of a run that loads; an unreadable one (a copy cut short) is passed over."""
+    for path in reversed(checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            log.warning("%s; trying the one before", e)
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:

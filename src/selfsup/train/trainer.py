@@ -22,7 +22,7 @@ from ..methods import build_method
 from ..methods.base import Batch
 from ..nn.attention import set_attention_backend
 from . import distributed
-from .checkpoint import latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import latest, load_latest, rng_state, save_checkpoint, set_rng_state
 from .optim import build_optimizer, set_schedule
 from .schedules import Progress, Schedules
 
@@ -66,6 +66,21 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: drop them (and a line cut short by a kill)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept))
+
+
 class Trainer:
     def __init__(self, cfg: Config, out: Path, resume: bool = False):
         self.cfg, self.out, self.resume = cfg, out, resume
@@ -88,7 +103,8 @@ class Trainer:
         self.model = distributed.wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
         self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device)
         self.step = 0
-        self.bad_steps = 0
+        self.bad_steps = 0  # non-finite losses in a row
+        self.skipped_steps = 0  # in all
         self._signal: int | None = None
         self.stop = False  # a signal reached some rank: every rank stops after this step
 
@@ -96,13 +112,14 @@ class Trainer:
     def state(self) -> dict:
         return {"method_state": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "config": to_dict(self.cfg), "rng": rng_state(), "method": self.cfg.method,
-                "bad_steps": self.bad_steps}
+                "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
 
     def load_state(self, state: dict) -> None:
         self.method.load_state_dict(state["method_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_state(state["rng"])
 
     def checkpoint(self) -> Path | None:
@@ -166,12 +183,14 @@ class Trainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
-            found = latest(self.out)
+            found = load_latest(self.out)
             if found is None:
                 log.info("%s: nothing to resume, starting a new run", self.out)
             else:
-                self.load_state(load_checkpoint(found))
-                log.info("resumed from %s at step %d", found.name, self.step)
+                self.load_state(found[1])
+                log.info("resumed from %s at step %d", found[0].name, self.step)
+                if distributed.is_main():
+                    trim_metrics(self.out / "metrics.jsonl", self.step)
         elif latest(self.out) is not None:
             raise UserError(f"{self.out}: this run folder already has checkpoints (pass --resume to continue it, "
                             "or --out for a new run)")
@@ -209,6 +228,7 @@ class Trainer:
                     self.step += 1
                     if m is None:
                         self.bad_steps += 1
+                        self.skipped_steps += 1
                         log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step, self.bad_steps)
                         if self.bad_steps >= cfg.train.max_bad_steps:
                             raise UserError(f"{cfg.train.max_bad_steps} non-finite losses in a row at step {self.step}: "
@@ -218,6 +238,7 @@ class Trainer:
                         m.update(step=self.step, epoch=self.step / self.steps_per_epoch, images_per_s=ips)
                         if metrics_file:
                             metrics_file.write(json.dumps(m) + "\n")
+                            metrics_file.flush()  # a killed run keeps every step it logged
                         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.0f}")
                     bar.update(1)
                     if self.stop:
@@ -259,4 +280,4 @@ class Trainer:
         if not distributed.is_main():
             return {}
         save_backbone(self.method.backbone(), self.cfg, self.out / "backbone.safetensors")
-        return {"run": str(self.out), "steps": self.step}
+        return {"run": str(self.out), "steps": self.step, "skipped_steps": self.skipped_steps}
