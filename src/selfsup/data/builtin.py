@@ -47,12 +47,12 @@ def skimage_dir() -> Path:
 
 def _skimage() -> Source:
     """scikit-image's sample photos (unlabelled): natural images for attention maps and PCA offline."""
-    from .sources import FolderSource, list_images
+    from .sources import FolderSource, list_images, usable
 
     root = skimage_dir()
     skip = {"lfw_subset.npy", "multipage.tif", "multipage_rgb.tif"}
     files = [f for f in list_images(root) if f.name not in skip]
-    return FolderSource(root, files, None, name="skimage")
+    return FolderSource(root, usable(root, files), None, name="skimage")
 
 
 def _split_tensor(src: TensorSource, split: str | None) -> TensorSource:

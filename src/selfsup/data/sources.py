@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -88,40 +88,50 @@ class Skipped:
     """Files that could not be used, with the reason of the first few."""
 
     count: int = 0
-    first: list[str] | None = None
+    first: list[str] = field(default_factory=list)
 
     def add(self, path: Path, why: str) -> None:
         self.count += 1
-        self.first = (self.first or []) + ([f"{path} ({why})"] if len(self.first or []) < 3 else [])
+        if len(self.first) < 3:
+            self.first.append(f"{path.name} ({why})")
 
     def line(self, where: str) -> str:
-        return f"{where}: skipped {self.count} unreadable file(s), e.g. " + "; ".join(self.first or [])
+        return f"{where}: skipped {self.count} unusable file(s), e.g. " + ", ".join(self.first)
 
 
-class FolderSource(Source):
-    """Every image file under `root`, recursively; the first-level subfolder is the class when there are any.
+_checked: dict[Path, list[Path]] = {}  # folder -> its usable files, checked once per process
 
-    Each file is opened once up front (header only) so that a folder of broken files fails at once with a
-    clear message; files that fail to decode later are replaced by the next good one and counted.
-    """
 
-    def __init__(self, root: Path, files: list[Path], classes: list[str] | None, name: str | None = None):
-        self.root, self.classes = root, classes
-        self.name = name or root.name
-        self.skipped = Skipped()
-        good: list[Path] = []
+def usable(root: Path, files: list[Path]) -> list[Path]:
+    """The files whose header reads as an image of at least one pixel. The others are counted in one log
+    line per folder and process (however many splits or sources are opened on it)."""
+    if root not in _checked:
+        skipped, good = Skipped(), []
         for f in files:
             why = _check_header(f)
             if why:
-                self.skipped.add(f, why)
+                skipped.add(f, why)
             else:
                 good.append(f)
-        if self.skipped.count:
-            log.warning(self.skipped.line(str(root)))
-        if not good:
-            raise UserError(f"{root}: no usable image among {len(files)} file(s) (expected {_suffixes()})")
-        self.files = good
-        self._labels = torch.tensor([self._label_of(f) for f in good]) if classes else None
+        if skipped.count:
+            log.warning(skipped.line(str(root)))
+        _checked[root] = good
+    known = set(_checked[root])
+    return [f for f in files if f in known]
+
+
+class FolderSource(Source):
+    """Image files under `root` (checked by `usable`); the first-level subfolder is the class when there
+    are classes. A file that still fails to decode is replaced by the next good one and counted; the first
+    such failure in a process is logged."""
+
+    def __init__(self, root: Path, files: list[Path], classes: list[str] | None, name: str | None = None):
+        if not files:
+            raise UserError(f"{root}: no usable image (expected {_suffixes()} files that open as images)")
+        self.root, self.classes, self.files = root, classes, files
+        self.name = name or root.name
+        self.skipped = Skipped()
+        self._labels = torch.tensor([self._label_of(f) for f in files]) if classes else None
 
     def _label_of(self, f: Path) -> int:
         return self.classes.index(f.relative_to(self.root).parts[0])
@@ -134,15 +144,16 @@ class FolderSource(Source):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         for j in range(len(self.files)):
-            f = self.files[(i + j) % len(self.files)]
+            k = (i + j) % len(self.files)
             try:
-                img = decode(f)
+                img = decode(self.files[k])
             except Exception as e:  # noqa: BLE001 - any decoder failure means this file is unusable
-                self.skipped.add(f, type(e).__name__)
-                log.warning(self.skipped.line(str(self.root)))
+                self.skipped.add(self.files[k], type(e).__name__)
+                if self.skipped.count == 1:
+                    log.warning("%s (replaced by the next good file; further failures are counted silently)",
+                                self.skipped.line(str(self.root)))
                 continue
-            label = int(self._labels[(i + j) % len(self.files)]) if self._labels is not None else -1
-            return img, label
+            return img, int(self._labels[k]) if self._labels is not None else -1
         raise UserError(f"{self.root}: no image could be decoded")
 
 
@@ -187,9 +198,12 @@ def open_folder(root: Path, split: str | None = None) -> FolderSource:
         for name in sub[split]:
             if (root / name).is_dir() and (root / "train").is_dir():
                 return open_folder(root / name)
-    files = list_images(root)
-    if not files:
+    listed = list_images(root)
+    if not listed:
         raise UserError(f"{root}: no image files found (looked recursively for {_suffixes()})")
+    files = usable(root, listed)
+    if not files:
+        raise UserError(f"{root}: no usable image among {len(listed)} file(s) (all empty or unreadable)")
     classes = folder_classes(root, files)
     if split is not None:
         files = fixed_split(files, [f.relative_to(root).parts[0] if classes else "" for f in files], split)
