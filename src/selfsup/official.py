@@ -16,6 +16,7 @@ from .config import BackboneConfig, CropsConfig
 from .errors import UserError
 from .nn import RESNETS, VIT_SIZES, backbone_from_config
 from .nn.resnet import Bottleneck
+from .nn.vit import swiglu_hidden
 from .weights import Loaded, load_strict
 
 CONTAINERS = ("teacher", "model", "state_dict", "student")  # the teacher first: DINO and DINOv2 evaluate it
@@ -51,11 +52,6 @@ def backbone_state(obj) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def _swiglu_hidden(dim: int) -> int:
-    """DINOv2's SwiGLU width for mlp_ratio 4: 2/3 of 4 D, rounded up to a multiple of 8."""
-    return (int(4 * dim * 2 / 3) + 7) // 8 * 8
-
-
 def vit_config(state: dict[str, torch.Tensor], where: str) -> BackboneConfig:
     """A ViT's architecture from its tensor shapes (the head count from DINOv2's size table)."""
     dim = state["cls_token"].shape[-1]
@@ -70,7 +66,7 @@ def vit_config(state: dict[str, torch.Tensor], where: str) -> BackboneConfig:
         raise UserError(f"{where}: pos_embed has {n_grid} patch positions (expected a square grid)")
     swiglu = "blocks.0.mlp.w12.weight" in state
     hidden = state["blocks.0.mlp.w3.weight"].shape[1] if swiglu else state["blocks.0.mlp.fc1.weight"].shape[0]
-    if hidden != (_swiglu_hidden(dim) if swiglu else 4 * dim):
+    if hidden != (swiglu_hidden(4 * dim) if swiglu else 4 * dim):
         raise UserError(f"{where}: an MLP {hidden} wide for a {dim}-wide ViT (expected DINOv2's mlp_ratio 4)")
     registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     return BackboneConfig(

@@ -84,12 +84,17 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def swiglu_hidden(hidden: int) -> int:
+    """DINOv2's SwiGLU width for an MLP `hidden` wide: 2/3 of it, rounded up to a multiple of 8 (ViT-g: 4096)."""
+    return (int(hidden * 2 / 3) + 7) // 8 * 8
+
+
 class SwiGLU(nn.Module):
-    """SwiGLU FFN (Shazeer 2020): w3(silu(x W1) * x W2); DINOv2's hidden size is 2/3 of 4 D, rounded to 8."""
+    """SwiGLU FFN (Shazeer 2020): w3(silu(x W1) * x W2), `swiglu_hidden` wide."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        hidden = swiglu_hidden(hidden)
         self.w12 = nn.Linear(dim, 2 * hidden)
         self.w3 = nn.Linear(hidden, dim)
 
