@@ -9,7 +9,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ["train", "eval"]
+COMMANDS = ["train", "eval", "embed"]
 
 
 def setup_logging() -> None:
