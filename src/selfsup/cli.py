@@ -9,7 +9,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ["train", "eval", "embed"]
+COMMANDS = ["train", "eval", "embed", "shards"]
 
 
 def setup_logging() -> None:

@@ -8,7 +8,7 @@ loader workers or ranks.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..errors import UserError
 from .sources import Source
@@ -54,13 +54,27 @@ class MultiCropBatches(Dataset):
         return self.multicrop(samples, self.epoch)
 
 
-def epoch_loader(batches: MultiCropBatches, epoch: int, start: int, num_workers: int) -> DataLoader:
+def make_batches(source: Source, multicrop: MultiCrop, global_batch: int, rank: int = 0, world: int = 1,
+                 seed: int = 0) -> Dataset:
+    """Map-style batches over an indexable source; streamed ones over tar shards."""
+    if getattr(source, "streamed", False):
+        from .shards import ShardBatches
+
+        return ShardBatches(source, multicrop, global_batch, rank, world, seed)
+    return MultiCropBatches(source, multicrop, global_batch, rank, world, seed)
+
+
+def epoch_loader(batches: Dataset, epoch: int, start: int, num_workers: int) -> DataLoader:
     """The batches of `epoch` from batch `start` on."""
-    batches.set_epoch(epoch)
+    streamed = isinstance(batches, IterableDataset)
+    if streamed:  # the batches themselves start at `start`
+        batches.set_epoch(epoch, start)
+    else:
+        batches.set_epoch(epoch)
     return DataLoader(
         batches,
         batch_size=None,
-        sampler=range(start, len(batches)),
+        sampler=None if streamed else range(start, len(batches)),
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers else None,

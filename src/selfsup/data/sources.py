@@ -9,6 +9,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -64,8 +65,9 @@ class TensorSource(Source):
         return TensorSource(name, self.images[index], labels, self.classes)
 
 
-def decode(path: Path) -> torch.Tensor:
-    """Decode an image file to uint8 [3, H, W]: any mode (palette, CMYK, 16-bit, alpha) becomes RGB."""
+def decode(path: Path | BinaryIO) -> torch.Tensor:
+    """Decode an image file (or its bytes) to uint8 [3, H, W]: any mode (palette, CMYK, 16-bit, alpha)
+    becomes RGB."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Image.open(path) as im:
@@ -120,10 +122,42 @@ def usable(root: Path, files: list[Path]) -> list[Path]:
     return [f for f in files if f in known]
 
 
-class FolderSource(Source):
+class EncodedSource(Source):
+    """Images stored encoded (files, tar shards): `read(k)` decodes item k. One that fails is replaced by
+    the next good one and counted in `skipped`; the first such failure in a process is logged."""
+
+    root: Path
+    _labels: torch.Tensor | None = None
+
+    def read(self, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def where(self, k: int) -> str:
+        """Item k's name, for the log."""
+        raise NotImplementedError
+
+    def labels(self) -> torch.Tensor:
+        return self._labels if self._labels is not None else torch.full((len(self),), -1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        n = len(self)
+        for j in range(n):
+            k = (i + j) % n
+            try:
+                img = self.read(k)
+            except Exception as e:  # noqa: BLE001 - any decoder failure means this file is unusable
+                self.skipped.add(Path(self.where(k)), type(e).__name__)
+                if self.skipped.count == 1:
+                    log.warning("%s (replaced by the next good image; further failures are counted silently)",
+                                self.skipped.line(str(self.root)))
+                continue
+            return img, int(self._labels[k]) if self._labels is not None else -1
+        raise UserError(f"{self.root}: no image could be decoded")
+
+
+class FolderSource(EncodedSource):
     """Image files under `root` (checked by `usable`); the first-level subfolder is the class when there
-    are classes. A file that still fails to decode is replaced by the next good one and counted; the first
-    such failure in a process is logged."""
+    are classes."""
 
     def __init__(self, root: Path, files: list[Path], classes: list[str] | None, name: str | None = None):
         if not files:
@@ -136,25 +170,14 @@ class FolderSource(Source):
     def _label_of(self, f: Path) -> int:
         return self.classes.index(f.relative_to(self.root).parts[0])
 
-    def labels(self) -> torch.Tensor:
-        return self._labels if self._labels is not None else torch.full((len(self),), -1)
-
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        for j in range(len(self.files)):
-            k = (i + j) % len(self.files)
-            try:
-                img = decode(self.files[k])
-            except Exception as e:  # noqa: BLE001 - any decoder failure means this file is unusable
-                self.skipped.add(self.files[k], type(e).__name__)
-                if self.skipped.count == 1:
-                    log.warning("%s (replaced by the next good file; further failures are counted silently)",
-                                self.skipped.line(str(self.root)))
-                continue
-            return img, int(self._labels[k]) if self._labels is not None else -1
-        raise UserError(f"{self.root}: no image could be decoded")
+    def read(self, k: int) -> torch.Tensor:
+        return decode(self.files[k])
+
+    def where(self, k: int) -> str:
+        return str(self.files[k])
 
 
 def _suffixes() -> str:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ..config import Config, save, to_dict
 from ..data.builtin import open_source
-from ..data.loader import MultiCropBatches, epoch_loader
+from ..data.loader import epoch_loader, make_batches
 from ..data.views import MultiCrop, Photometric
 from ..errors import UserError
 from ..methods import build_method
@@ -93,8 +93,8 @@ class Trainer:
         self.method = distributed.sync_batchnorm(build_method(cfg), self.device).to(self.device)
         set_attention_backend(self.method, cfg.train.attention, self.device)  # training and evaluation
         self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
-        self.batches = MultiCropBatches(self.source, self.multicrop, cfg.optim.batch_size, self.rank, self.world,
-                                        cfg.train.seed)
+        self.batches = make_batches(self.source, self.multicrop, cfg.optim.batch_size, self.rank, self.world,
+                                    cfg.train.seed)
         self.steps_per_epoch = len(self.batches)
         o = cfg.optim
         self.total_steps = o.steps if o.steps else max(1, int(round(o.epochs * self.steps_per_epoch)))
@@ -211,7 +211,7 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg = self.cfg
-        metrics_file = open(self.out / "metrics.jsonl", "a") if distributed.is_main() else None
+        metrics_file = open(self.out / "metrics.jsonl", "a", buffering=1) if distributed.is_main() else None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not sys.stderr.isatty() or not distributed.is_main(),
                    dynamic_ncols=True, desc=cfg.method)
         self.method.train()
