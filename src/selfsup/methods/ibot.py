@@ -22,7 +22,7 @@ def masked_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     that crop's masked patches, then over all crops (an unmasked crop adds 0), as iBOT's and DINOv2's code.
     `student_logits` / `teacher_probs` [M, K] are the masked patches in the row-major order of `masks` [n, N]."""
     ce = torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1)
-    per_crop = (1.0 / masks.sum(1).clamp_min(1)).unsqueeze(1).expand_as(masks)[masks]
+    per_crop = (1.0 / masks.sum(1).clamp_min(1).to(ce.dtype)).unsqueeze(1).expand_as(masks)[masks]
     return (ce * per_crop).sum() / masks.shape[0]
 
 
