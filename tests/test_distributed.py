@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 from torch import nn
 
+from selfsup.cli import main
 from selfsup.train import distributed
 from selfsup.train.trainer import Trainer
-from tiny import losses, tiny_config
+from tiny import ARGS, losses, tiny_config
 
 STEPS = 5
-
-
 CASES = {"dino": tiny_config("dino", STEPS), "simclr": tiny_config("simclr", STEPS, crops={"n_local": 0})}
 
 
@@ -122,3 +125,20 @@ def test_per_rank_batchnorm_would_differ(runs):
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     halves = torch.cat([net(h) for h in x.chunk(2)]).detach()
     assert not torch.allclose(halves, ref, atol=1e-3)
+
+
+def test_torchrun_trains_on_shards_and_only_rank_zero_reports(tmp_path):
+    """The real entry point: `torchrun --nproc-per-node 2 -m selfsup train` on tar shards split over ranks."""
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        (tmp_path / "folder" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "folder" / f"c{i % 2}" / f"{i}.png")
+    assert main(["shards", str(tmp_path / "folder"), "--out", str(tmp_path / "shards"), "--shard-size", "10"]) == 0
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "selfsup",
+           "train", *ARGS, "--data", f"{tmp_path}/shards/{{000000..000003}}.tar", "--out", str(run), "--steps", "3",
+           "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"steps": 3') == 1  # one JSON result, from rank 0
+    assert sorted(losses(run)) == [1, 2, 3] and (run / "results.json").exists()
