@@ -9,7 +9,7 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ["train", "eval", "embed", "shards"]
+COMMANDS = ["train", "eval", "bench", "embed", "shards"]
 
 
 def setup_logging() -> None:

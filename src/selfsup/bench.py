@@ -1,0 +1,264 @@
+"""Throughput and peak memory of training and inference steps: what `selfsup bench` and
+benchmarks/throughput.py measure.
+
+Variants of one run (attention backend, packing, drop-path kind, precision) share one model and are timed
+interleaved, A B A B ..., so that a machine shared with other work slows them alike; each reports the median
+over its timed steps after warm-up. Ratios between variants of one run are the figures to trust.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .errors import UserError
+from .nn.attention import set_attention_backend
+from .nn.vit import Block, VisionTransformer
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What differs between the variants of one run."""
+
+    attention: str = "auto"  # auto | flash | math | efficient
+    packing: bool = True  # forward_features_list: one packed forward, or one per group of crops
+    drop_path_efficient: bool = True  # rates > 0.1: the branch skips dropped samples (DINOv2)
+    dtype: str = "fp32"  # fp32 | bf16 autocast
+
+
+def apply_setting(model: nn.Module, s: Setting, device: torch.device) -> None:
+    set_attention_backend(model, s.attention, device)
+    for m in model.modules():
+        if isinstance(m, VisionTransformer):
+            m.packing = s.packing
+        elif isinstance(m, Block):
+            m.drop_path_efficient = s.drop_path_efficient
+
+
+def autocast(device: torch.device, dtype: str):
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype {dtype}: expected fp32 or bf16")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+class PeakMemory:
+    """Peak memory of what runs between `reset` and `read` (MiB): CUDA max allocated, or the process's peak RSS
+    (Linux: its high-water mark is reset through /proc/self/clear_refs; elsewhere the peak since start)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        with contextlib.suppress(OSError):
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variants(steps: dict[str, Callable[[], None]], n_steps: int, warmup: int,
+                  device: torch.device) -> dict[str, dict]:
+    """Per variant: seconds of each timed step and peak memory. Variants alternate step by step."""
+    memory = PeakMemory(device)
+    seconds: dict[str, list[float]] = {k: [] for k in steps}
+    peak = {k: 0.0 for k in steps}
+    for i in range(warmup + n_steps):
+        for name, step in steps.items():
+            synchronize(device)
+            memory.reset()
+            t = time.perf_counter()
+            step()
+            synchronize(device)
+            dt = time.perf_counter() - t
+            peak[name] = max(peak[name], memory.read())
+            if i >= warmup:
+                seconds[name].append(dt)
+    return {k: {"step_s": [round(s, 4) for s in v], "median_step_s": statistics.median(v),
+                "peak_memory_mib": round(peak[k], 1)} for k, v in seconds.items()}
+
+
+@dataclass
+class Workload:
+    """A model and the step to time. `batch_images` is what one step processes (images/s = it / step time)."""
+
+    model: nn.Module
+    step: Callable[[], None]
+    batch_images: int
+    device: torch.device
+
+
+def backbone_workload(cfg: Config, mode: str, device: torch.device) -> Workload:
+    """The backbone alone on random images of the global crop size: `train` is forward, backward and an AdamW
+    step on the mean square of its outputs; `infer` is the forward of the [CLS] feature in eval mode."""
+    from .nn import backbone_from_config
+    from .train.optim import build_optimizer
+
+    model = backbone_from_config(cfg.backbone).to(device)
+    size, b = cfg.crops.global_size, cfg.optim.batch_size
+    x = torch.randn(b, 3, size, size, device=device)
+    if mode == "infer":
+        model.eval()
+        forward = torch.compile(model) if cfg.train.compile else model
+
+        def step() -> None:
+            with torch.inference_mode(), autocast(device, cfg.train.precision):
+                forward(x)
+
+        return Workload(model, step, b, device)
+    model.train()
+    optimizer = build_optimizer({"backbone": model}, cfg, device)
+    for g in optimizer.param_groups:
+        g["lr"] = 1e-6
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return model.forward_features(images)["x_prenorm"]
+
+    forward = torch.compile(features) if cfg.train.compile else features
+
+    def step() -> None:
+        with autocast(device, cfg.train.precision):
+            loss = forward(x).float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Workload(model, step, b, device)
+
+
+def synthetic_views(cfg: Config, multicrop, n: int, seed: int = 0):
+    """Multi-crop views of `n` random images 1.15x the global crop size, through the real `MultiCrop`."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(cfg.crops.global_size * 1.15)
+    samples = [(torch.randint(0, 256, (3, side, side), generator=g, dtype=torch.uint8), 0, i) for i in range(n)]
+    return multicrop(samples, 0)
+
+
+def method_workload(cfg: Config, device: torch.device) -> Workload:
+    """The trainer's own training step of `cfg.method` (photometric augmentation on the device, forward,
+    backward, clipping, optimiser, EMA), on fixed multi-crop views of random images; after the
+    last-layer freeze, so every parameter is updated."""
+    from .train.trainer import Trainer
+
+    cfg.data.source = "digits"  # the trainer wants a source; the timed steps use synthetic views
+    cfg.optim.steps = 1000
+    trainer = Trainer(cfg, Path(tempfile.gettempdir()) / "selfsup-bench-unused")
+    trainer.step = max(trainer.schedules.freeze_last_layer_steps, trainer.total_steps // 2)
+    if cfg.train.compile:
+        trainer.model = torch.compile(trainer.model)
+    views = synthetic_views(cfg, trainer.multicrop, cfg.optim.batch_size)
+    trainer.method.train()
+    return Workload(trainer.method, lambda: trainer.train_step(views), cfg.optim.batch_size, device)
+
+
+def measure(cfg: Config, mode: str, settings: dict[str, Setting], n_steps: int, warmup: int,
+            method: bool = False) -> dict:
+    """Images/s and peak memory of each variant. `cfg` describes the model (backbone, method, crops, batch,
+    device, compile); `mode` is train or infer. With `method`, train mode times `cfg.method`'s whole training
+    step; otherwise (and in infer mode) the backbone alone."""
+    from .train.trainer import resolve_device
+
+    if mode not in ("train", "infer"):
+        raise UserError(f"--mode {mode}: expected train or infer")
+    if n_steps < 1 or warmup < 0:
+        raise UserError(f"--steps {n_steps} / --warmup {warmup}: expected at least 1 timed step and no negative warm-up")
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    method = method and mode == "train"
+    work = method_workload(cfg, device) if method else backbone_workload(cfg, mode, device)
+
+    def variant(s: Setting) -> Callable[[], None]:
+        def run() -> None:
+            apply_setting(work.model, s, device)
+            cfg.train.precision = s.dtype  # the trainer reads it at each step
+            work.step()
+
+        return run
+
+    timed = time_variants({k: variant(s) for k, s in settings.items()}, n_steps, warmup, device)
+    for k, r in timed.items():
+        r["images_per_s"] = round(work.batch_images / r["median_step_s"], 2)
+        r["setting"] = asdict(settings[k])
+    b = cfg.backbone
+    return {"mode": mode, "method": cfg.method if method else None, "arch": b.arch,
+            "patch_size": b.patch_size, "depth": b.depth, "img_size": cfg.crops.global_size,
+            "batch_size": cfg.optim.batch_size, "drop_path": b.drop_path, "compile": cfg.train.compile,
+            "device": str(device), "steps": n_steps, "warmup": warmup, "variants": timed, "machine": machine()}
+
+
+def ratio(result: dict, a: str, b: str) -> float:
+    v = result["variants"]
+    return round(v[a]["images_per_s"] / v[b]["images_per_s"], 3)
+
+
+@dataclass
+class PipelineResult:
+    multicrop_images_per_s: float
+    photometric_images_per_s: float
+    crops: dict = field(default_factory=dict)
+
+
+def input_pipeline(cfg: Config, source, n_images: int, device: torch.device, repeats: int = 3) -> PipelineResult:
+    """Images/s of the two halves of the input pipeline on their own: `MultiCrop` (loader side, one process)
+    on the first `n_images` of `source`, and `Photometric` (batched on `device`) on the views it made."""
+    from .data.views import MultiCrop, Photometric
+
+    multicrop, photometric = MultiCrop(cfg.crops, cfg.train.seed), Photometric(cfg.crops)
+    samples = [(*source[i], i) for i in range(n_images)]
+    t_crop, t_photo = [], []
+    for r in range(repeats):
+        t = time.perf_counter()
+        views = multicrop(samples, r).to(device)
+        t_crop.append(time.perf_counter() - t)
+        synchronize(device)
+        t = time.perf_counter()
+        photometric(views.global_crops)
+        if views.local_crops is not None:
+            photometric(views.local_crops)
+        synchronize(device)
+        t_photo.append(time.perf_counter() - t)
+    c = cfg.crops
+    return PipelineResult(round(n_images / float(np.median(t_crop)), 1), round(n_images / float(np.median(t_photo)), 1),
+                          {"n_global": c.n_global, "global_size": c.global_size, "n_local": c.n_local,
+                           "local_size": c.local_size})
