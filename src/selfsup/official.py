@@ -14,10 +14,10 @@ import torch
 
 from .config import BackboneConfig, CropsConfig
 from .errors import UserError
-from .nn import RESNETS, VIT_SIZES, backbone_from_config
+from .nn import RESNETS, VIT_SIZES
 from .nn.resnet import Bottleneck
 from .nn.vit import swiglu_hidden
-from .weights import Loaded, load_strict
+from .weights import Loaded, with_weights
 
 CONTAINERS = ("teacher", "model", "state_dict", "student")  # the teacher first: DINO and DINOv2 evaluate it
 IBOT_NAMES = {"masked_embed": "mask_token", "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}
@@ -111,7 +111,5 @@ def from_object(obj, where: str) -> Loaded | None:
             return None
     except KeyError as e:
         raise UserError(f"{where}: an incomplete backbone (no tensor {e})") from None
-    backbone = backbone_from_config(cfg, drop_path=0.0)
-    load_strict(backbone, state, where, optional)
     crops = CropsConfig()  # ImageNet statistics
-    return Loaded(backbone.eval(), cfg, EVAL_SIZE, crops.mean, crops.std, where)
+    return Loaded(with_weights(cfg, state, where, optional), cfg, EVAL_SIZE, crops.mean, crops.std, where)

@@ -57,9 +57,13 @@ class Loaded:
                                 "mean": list(self.mean), "std": list(self.std), "source": self.source}, Path(path))
 
 
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, optional: Sequence[str] = ()) -> None:
-    """Load every tensor of `state` into `model`, by name and shape; only entries whose names end with one of
-    `optional` may be missing (they keep their initial values)."""
+def with_weights(cfg: BackboneConfig, state: dict[str, torch.Tensor], where: str,
+                 optional: Sequence[str] = ()) -> nn.Module:
+    """The backbone `cfg` describes, in eval mode, holding every tensor of `state` (checked by name and shape).
+    Only entries whose names end with one of `optional` may be missing: they start at zero (a mask token, a
+    BatchNorm counter). Built on the meta device, so a big model is neither initialised nor held twice."""
+    with torch.device("meta"):
+        model = backbone_from_config(cfg, drop_path=0.0)
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith(tuple(optional))]
     unexpected = [k for k in state if k not in own]
@@ -68,7 +72,10 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, op
     if missing or unexpected or shapes:
         raise UserError(f"{where}: the weights do not match the architecture (missing {missing[:3]}, unexpected "
                         f"{unexpected[:3]}, shapes {shapes[:3]})")
-    model.load_state_dict(state, strict=False)
+    state = {k: state[k].to(v.dtype) if k in state else torch.zeros(v.shape, dtype=v.dtype) for k, v in own.items()}
+    model.load_state_dict(state, assign=True)
+    assert not any(t.is_meta for t in model.buffers()), "a non-persistent buffer would stay on the meta device"
+    return model.eval()
 
 
 def _from_export(path: Path) -> Loaded:
@@ -86,9 +93,7 @@ def _from_export(path: Path) -> Loaded:
     meta = json.loads(meta)
     b = BackboneConfig()
     apply(b, meta["backbone"], str(path))
-    backbone = backbone_from_config(b, drop_path=0.0)
-    load_strict(backbone, state, str(path))
-    return Loaded(backbone.eval(), b, meta["image_size"], meta["mean"], meta["std"], str(path))
+    return Loaded(with_weights(b, state, str(path)), b, meta["image_size"], meta["mean"], meta["std"], str(path))
 
 
 def _from_checkpoint(state: dict, where: str) -> Loaded:
