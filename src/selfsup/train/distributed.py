@@ -173,6 +173,40 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
+def sharded(module: nn.Module) -> bool:
+    """Whether FSDP has split the module's parameters over the ranks."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_state(method: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict | None]:
+    """The state dicts of a method (and its optimiser) with whole tensors. Under FSDP they are gathered from
+    every rank onto rank 0's CPU (all ranks must call; the others get empty dicts)."""
+    if not sharded(method):
+        return method.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = get_model_state_dict(method, options=opts)
+    return model, get_optimizer_state_dict(method, optimizer, options=opts) if optimizer is not None else None
+
+
+def load_full_state(method: nn.Module, optimizer: torch.optim.Optimizer, model: dict, optim: dict) -> None:
+    """The inverse of `full_state`: every rank passes the whole state and keeps its own shard of it."""
+    if not sharded(method):
+        method.load_state_dict(model)
+        optimizer.load_state_dict(optim)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    set_model_state_dict(method, model, options=StateDictOptions(full_state_dict=True))
+    # parameters that never had a gradient (the mask token outside iBOT) have no optimiser state
+    set_optimizer_state_dict(method, optimizer, optim, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def wrap(method: nn.Module, kind: str, device: torch.device) -> nn.Module:
     """What the trainer calls forward on: the method itself in one process; DDP (gradients averaged over
     ranks) or FSDP2 (`fully_shard` on every transformer block, then the whole method) in several."""

@@ -19,7 +19,7 @@ from ..data.loader import epoch_loader, make_batches
 from ..data.views import MultiCrop, Photometric
 from ..errors import UserError
 from ..methods import build_method
-from ..methods.base import Batch
+from ..methods.base import Batch, Method
 from ..nn.attention import set_attention_backend
 from . import distributed
 from .checkpoint import latest, load_latest, rng_state, save_checkpoint, set_rng_state
@@ -101,6 +101,7 @@ class Trainer:
         self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch)
         self.photometric = Photometric(cfg.crops)
         self.model = distributed.wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
+        self.sharded = distributed.sharded(self.method)
         self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device)
         self.step = 0
         self.bad_steps = 0  # non-finite losses in a row
@@ -110,22 +111,36 @@ class Trainer:
 
     # ----- state -----
     def state(self) -> dict:
-        return {"method_state": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "config": to_dict(self.cfg), "rng": rng_state(), "method": self.cfg.method,
+        """Everything a run needs to continue; under FSDP gathered from all ranks (every rank must call)."""
+        method_state, optimizer = distributed.full_state(self.method, self.optimizer)
+        return {"method_state": method_state, "optimizer": optimizer, "step": self.step, "config": to_dict(self.cfg), "rng": rng_state(), "method": self.cfg.method,
                 "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
 
     def load_state(self, state: dict) -> None:
-        self.method.load_state_dict(state["method_state"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(self.method, self.optimizer, state["method_state"], state["optimizer"])
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_state(state["rng"])
 
     def checkpoint(self) -> Path | None:
+        """Rank 0 writes; under FSDP every rank first helps gather the state."""
+        if not (distributed.is_main() or self.sharded):
+            return None
+        state = self.state()
+        return save_checkpoint(self.out, self.step, state, self.cfg.train.keep_last) if distributed.is_main() else None
+
+    def whole_method(self) -> Method | None:
+        """The method with whole tensors, for evaluation and export: itself, or under FSDP a copy gathered
+        from every rank (all ranks must call; None on ranks other than 0)."""
+        if not self.sharded:
+            return self.method
+        state, _ = distributed.full_state(self.method)
         if not distributed.is_main():
             return None
-        return save_checkpoint(self.out, self.step, self.state(), self.cfg.train.keep_last)
+        whole = build_method(self.cfg)
+        whole.load_state_dict(state)
+        return whole.to(self.device)
 
     # ----- one step -----
     def batch(self, views) -> Batch:
@@ -189,12 +204,11 @@ class Trainer:
             else:
                 self.load_state(found[1])
                 log.info("resumed from %s at step %d", found[0].name, self.step)
-                if distributed.is_main():
-                    trim_metrics(self.out / "metrics.jsonl", self.step)
         elif latest(self.out) is not None:
             raise UserError(f"{self.out}: this run folder already has checkpoints (pass --resume to continue it, "
                             "or --out for a new run)")
         if distributed.is_main():
+            trim_metrics(self.out / "metrics.jsonl", self.step)  # steps of a run killed after its checkpoint
             save(cfg, self.out / "config.yaml")
         if cfg.train.compile:
             self.model = torch.compile(self.model)
@@ -265,9 +279,10 @@ class Trainer:
     def periodic_eval(self, metrics_file) -> None:
         from ..eval.run import knn_of_backbone
 
+        method = self.whole_method()
         if not distributed.is_main():
             return
-        res = knn_of_backbone(self.method.backbone(), self.cfg, self.device)
+        res = knn_of_backbone(method.backbone(), self.cfg, self.device)
         if res is not None:
             log.info("step %d: k-NN top-1 %.2f", self.step, res["top1"])
             if metrics_file:
@@ -277,6 +292,7 @@ class Trainer:
     def _finish(self) -> dict:
         from ..weights import save_backbone
 
+        self.method = self.whole_method()  # under FSDP: what callers evaluate after `fit`
         if not distributed.is_main():
             return {}
         save_backbone(self.method.backbone(), self.cfg, self.out / "backbone.safetensors")
