@@ -6,6 +6,7 @@ each worker trains every case, then saves what its rank ended with, and the test
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from torch import nn
 
 from selfsup.cli import main
 from selfsup.train import distributed
-from selfsup.train.trainer import Trainer
+from selfsup.train.trainer import Interrupted, Trainer
 from tiny import ARGS, losses, tiny_config
 
 STEPS = 5
@@ -46,6 +47,22 @@ def batchnorm_case(out: Path) -> None:
                 "running": [net[1].running_mean, net[1].running_var]}, out / f"bn-{distributed.rank()}.pt")
 
 
+def signal_case(out: Path) -> None:
+    """SIGTERM reaches rank 1 alone during step 3: both ranks stop after that step, rank 0 saves."""
+    trainer = Trainer(tiny_config("dino", STEPS), out / "signal")
+    make = trainer.batch
+
+    def batch(views):
+        if trainer.step == 2 and distributed.rank() == 1:
+            trainer._on_signal(signal.SIGTERM, None)
+        return make(views)
+
+    trainer.batch = batch
+    with pytest.raises(Interrupted):
+        trainer.fit()
+    (out / "signal" / f"stopped-{distributed.rank()}").write_text(str(trainer.step))
+
+
 def worker(rank: int, world: int, port: int, out: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -62,6 +79,7 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
         if trainer.method is not None:  # under FSDP, rank 0 alone gathers the whole method
             torch.save(trainer.method.state_dict(), out / name / f"state-{rank}.pt")
     batchnorm_case(out)
+    signal_case(out)
     distributed.shutdown()
 
 
@@ -114,6 +132,12 @@ def test_only_rank_zero_writes(runs):
     assert (run / "metrics.jsonl").exists() and (run / "backbone.safetensors").exists()
     assert len(list(run.glob("checkpoint-*.pt"))) == 1
     assert not list(run.glob(".*tmp*"))
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(runs):
+    two, _ = runs
+    assert [(two / "signal" / f"stopped-{r}").read_text() for r in range(2)] == ["3", "3"]
+    assert [p.name for p in (two / "signal").glob("checkpoint-*.pt")] == ["checkpoint-00000003.pt"]
 
 
 def test_global_batchnorm_matches_one_process_batch(runs):
