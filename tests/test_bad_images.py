@@ -66,12 +66,13 @@ def test_odd_files_decode_broken_ones_are_counted_once(folder, caplog):
         src = train if any(f.name == name for f in train.files) else test
         img, label = src[[f.name for f in src.files].index(name)]
         assert img.dtype == torch.uint8 and img.shape[0] == 3 and label == 0
-        assert src.skipped.count == 0  # decoded, not replaced by the next file
+        assert src.replaced == 0  # decoded, not replaced by the next file
         if name == "one.png":
             assert img.shape == (3, 1, 1) and img.flatten().tolist() == [200, 10, 10]
     lines = skip_lines(caplog)
     assert len(lines) == 1 and "skipped 3 unusable file(s)" in lines[0]
     assert all(name in lines[0] for name in BROKEN)
+    assert train.skipped.count == 3  # the folder's unusable files, counted on every source opened on it
 
 
 def test_a_file_that_fails_only_when_decoded_is_replaced_and_counted(tmp_path, caplog, monkeypatch):
@@ -94,7 +95,7 @@ def test_a_file_that_fails_only_when_decoded_is_replaced_and_counted(tmp_path, c
         assert int(img[0, 0, 0]) == 9  # the next good file
     assert src.skipped.count == 3
     lines = skip_lines(caplog)
-    assert len(lines) == 1 and "x0.png (OSError)" in lines[0]
+    assert len(lines) == 1 and "x0.png unusable (OSError)" in lines[0]
 
 
 def test_training_and_every_evaluation_complete(folder, tmp_path, caplog, monkeypatch):

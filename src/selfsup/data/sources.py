@@ -101,7 +101,7 @@ class Skipped:
         return f"{where}: skipped {self.count} unusable file(s), e.g. " + ", ".join(self.first)
 
 
-_checked: dict[Path, list[Path]] = {}  # folder -> its usable files, checked once per process
+_checked: dict[Path, tuple[list[Path], Skipped]] = {}  # folder -> its usable files, checked once per process
 
 
 def usable(root: Path, files: list[Path]) -> list[Path]:
@@ -117,17 +117,25 @@ def usable(root: Path, files: list[Path]) -> list[Path]:
                 good.append(f)
         if skipped.count:
             log.warning(skipped.line(str(root)))
-        _checked[root] = good
-    known = set(_checked[root])
+        _checked[root] = good, skipped
+    known = set(_checked[root][0])
     return [f for f in files if f in known]
+
+
+def unusable(root: Path) -> Skipped:
+    """What `usable` left out of a folder (a copy, to count on)."""
+    skipped = _checked[root][1] if root in _checked else Skipped()
+    return Skipped(skipped.count, list(skipped.first))
 
 
 class EncodedSource(Source):
     """Images stored encoded (files, tar shards): `read(k)` decodes item k. One that fails is replaced by
-    the next good one and counted in `skipped`; the first such failure in a process is logged."""
+    the next good one and counted in `skipped` (which may start with the files left out up front); the first
+    such failure in a process is logged."""
 
     root: Path
     _labels: torch.Tensor | None = None
+    replaced = 0  # decode failures in this process
 
     def read(self, k: int) -> torch.Tensor:
         raise NotImplementedError
@@ -147,9 +155,10 @@ class EncodedSource(Source):
                 img = self.read(k)
             except Exception as e:  # noqa: BLE001 - any decoder failure means this file is unusable
                 self.skipped.add(Path(self.where(k)), type(e).__name__)
-                if self.skipped.count == 1:
-                    log.warning("%s (replaced by the next good image; further failures are counted silently)",
-                                self.skipped.line(str(self.root)))
+                self.replaced += 1
+                if self.replaced == 1:
+                    log.warning("%s: %s unusable (%s), replaced by the next good image; further failures are "
+                                "counted silently", self.root, Path(self.where(k)).name, type(e).__name__)
                 continue
             return img, int(self._labels[k]) if self._labels is not None else -1
         raise UserError(f"{self.root}: no image could be decoded")
@@ -164,7 +173,7 @@ class FolderSource(EncodedSource):
             raise UserError(f"{root}: no usable image (expected {_suffixes()} files that open as images)")
         self.root, self.classes, self.files = root, classes, files
         self.name = name or root.name
-        self.skipped = Skipped()
+        self.skipped = unusable(root)
         self._labels = torch.tensor([self._label_of(f) for f in files]) if classes else None
 
     def _label_of(self, f: Path) -> int:
