@@ -1,6 +1,7 @@
 """Frozen features of a labelled source: computed once per (backbone, data) and reused by every protocol."""
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -9,9 +10,14 @@ from torch import nn
 
 from ..data.sources import Source, TensorSource
 from ..data.views import eval_transform
+from ..errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+N_LAST = 4  # DINO linear eval of ViT-S: the [CLS] of the last 4 blocks (eval_linear.py, n_last_blocks)
+KINDS = ("cls", "cls+avgpool", "last4", "last4+avgpool")  # DINOv2 linear.py: n in {1, 4} x avgpool in {no, yes}
+
+Features = dict[str, torch.Tensor]
 
 
 def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 256):
@@ -32,24 +38,66 @@ def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
 
 
 @torch.no_grad()
-def extract(forward: Callable[[torch.Tensor], torch.Tensor], source: Source, size: int,
-            device: torch.device | str = "cpu", batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N, D] (float32, on the CPU) and labels [N] of every image of `source`."""
-    feats, labels = [], []
-    for x, y in eval_images(source, size, batch=batch):
-        feats.append(forward(x.to(device)).float().cpu())
+def extract(forward: Callable[[torch.Tensor], torch.Tensor | Features], source: Source, size: int,
+            device: torch.device | str = "cpu", batch: int = 256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Features (float32, on the CPU) and labels [N] of every image of `source`: a tensor [N, D] when `forward`
+    returns one, a dict of them when it returns a dict."""
+    parts, labels = [], []
+    for x, y in eval_images(source, size, mean, std, batch):
+        out = forward(x.to(device))
+        parts.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
         labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, torch.cat(labels)
+    return torch.cat(parts), torch.cat(labels)
 
 
-def backbone_features(backbone: nn.Module, source: Source, size: int, device="cpu", batch: int = 256):
-    """[CLS] features of a backbone in eval mode."""
+def backbone_features(backbone: nn.Module, source: Source, size: int, device="cpu", batch: int = 256,
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD, tokens: bool = False):
+    """Features of a backbone in eval mode: its [CLS] [N, D], or with `tokens` every kind `select` offers."""
     was_training = backbone.training
     backbone.eval()
     try:
-        return extract(backbone, source, size, device, batch)
+        forward = (lambda x: token_features(backbone, x)) if tokens else backbone
+        return extract(forward, source, size, device, batch, mean, std)
     finally:
         backbone.train(was_training)
+
+
+def token_features(backbone: nn.Module, x: torch.Tensor, n_last: int = N_LAST) -> Features:
+    """'cls': the [CLS] of the last n blocks [b, n, D]; 'avgpool': the mean of the last block's patch tokens
+    [b, D] (registers excluded); all through the final norm, as DINO's get_intermediate_layers gives them."""
+    from ..nn.vit import VisionTransformer
+
+    if not isinstance(backbone, VisionTransformer):  # a CNN: its pooled feature is the only kind
+        return {"cls": backbone(x).unsqueeze(1)}
+    outs = backbone.get_intermediate_layers(x, n=min(n_last, len(backbone.blocks)))
+    return {"cls": torch.stack([o["x_norm_clstoken"] for o in outs], 1),
+            "avgpool": outs[-1]["x_norm_patchtokens"].mean(1)}
+
+
+def select(feats: Features, kind: str) -> torch.Tensor:
+    """One kind of feature [N, D']: 'cls', 'last<n>' (the [CLS] of the last n blocks, concatenated), either
+    with '+avgpool' (the average-pooled patch tokens appended; DINO eval_linear.py, DINOv2 create_linear_input)."""
+    m = re.fullmatch(r"(cls|last(\d+))(\+avgpool)?", kind)
+    if m is None:
+        raise UserError(f"--features {kind}: expected cls, lastN or either with +avgpool (e.g. {', '.join(KINDS)})")
+    n = int(m.group(2)) if m.group(2) else 1
+    stored = feats["cls"].shape[1]
+    if n < 1 or n > stored:
+        raise UserError(f"--features {kind}: this backbone gives the [CLS] of at most {stored} block(s)")
+    parts = [feats["cls"][:, -n:].flatten(1)]
+    if m.group(3):
+        if "avgpool" not in feats:
+            raise UserError(f"--features {kind}: this backbone has no patch tokens to pool (use cls)")
+        parts.append(feats["avgpool"])
+    return torch.cat(parts, 1)
+
+
+def available(feats: Features) -> list[str]:
+    """The kinds of KINDS this backbone's features offer (a 2-block ViT has no 'last4', a CNN no 'avgpool')."""
+    n, pooled = feats["cls"].shape[1], "avgpool" in feats
+    return [k for k in KINDS if (not k.startswith("last") or n >= N_LAST) and (pooled or "avgpool" not in k)]
 
 
 def pixel_features(source: Source, size: int) -> tuple[torch.Tensor, torch.Tensor]:

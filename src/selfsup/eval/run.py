@@ -1,4 +1,4 @@
-"""Evaluation entry points shared by `selfsup train` (periodic and final k-NN) and `selfsup eval knn`."""
+"""Evaluation entry points shared by `selfsup train` (periodic and final k-NN) and `selfsup eval`."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,8 @@ from ..data.builtin import open_source
 from ..data.sources import Source
 from ..errors import UserError
 from ..nn import backbone_from_config
-from .features import backbone_features, pixel_features
+from .cache import FeatureCache
+from .features import Features, backbone_features, pixel_features
 from .knn import knn_accuracy
 
 
@@ -25,9 +26,7 @@ def knn_of(forward_features, train: Source, test: Source, k: int | list[int], te
     """Top-1/top-5 of weighted k-NN for one k, or a table {k: {...}} for several, from one feature pass."""
     xtr, ytr = forward_features(train)
     xte, yte = forward_features(test)
-    ks = k if isinstance(k, list) else [k]
-    table = {kk: knn_accuracy(xtr, ytr, xte, yte, kk, temperature) for kk in ks}
-    return table if isinstance(k, list) else table[k]
+    return knn_accuracy(xtr, ytr, xte, yte, k, temperature)
 
 
 def knn_of_backbone(backbone: nn.Module, cfg: Config, device: torch.device, k: int | None = None) -> dict | None:
@@ -37,8 +36,8 @@ def knn_of_backbone(backbone: nn.Module, cfg: Config, device: torch.device, k: i
         return None
     train, test = labelled_splits(spec)
     size = cfg.crops.global_size
-    return knn_of(lambda s: backbone_features(backbone, s, size, device), train, test, k or cfg.eval.k,
-                  cfg.eval.temperature)
+    forward = lambda s: backbone_features(backbone, s, size, device, mean=cfg.crops.mean, std=cfg.crops.std)  # noqa: E731
+    return knn_of(forward, train, test, k or cfg.eval.k, cfg.eval.temperature)
 
 
 def final_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict | None:
@@ -56,3 +55,25 @@ def final_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict 
         "raw_pixels": knn_of(lambda s: pixel_features(s, cfg.crops.global_size), train, test, cfg.eval.k,
                              cfg.eval.temperature),
     }
+
+
+class Frozen:
+    """Cached frozen features (every kind `features.select` offers) of a labelled source's train and test splits."""
+
+    def __init__(self, train: Features, train_labels: torch.Tensor, test: Features, test_labels: torch.Tensor,
+                 classes: list[str]):
+        self.train, self.train_labels, self.test, self.test_labels = train, train_labels, test, test_labels
+        self.classes = classes
+
+
+def frozen_features(loaded, spec: str, device: torch.device, cache: FeatureCache) -> Frozen:
+    """The features of `loaded` (a `weights.Loaded`) on both splits of `spec`, through the cache."""
+    splits = dict(zip(("train", "test"), labelled_splits(spec)))
+    backbone = loaded.backbone.to(device)
+    settings = {"size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std)}
+    out = {}
+    for split, source in splits.items():
+        compute = lambda s=source: backbone_features(backbone, s, loaded.image_size, device, mean=loaded.mean,  # noqa: E731
+                                                     std=loaded.std, tokens=True)
+        out[split] = cache.get(spec, split, source, compute, **settings)
+    return Frozen(*out["train"], *out["test"], list(splits["train"].classes))

@@ -1,0 +1,119 @@
+"""The feature cache: frozen features are computed once per (checkpoint, data, split) and kept as safetensors.
+
+Where: `<run>/features/` for a checkpoint inside a run folder; `selfsup-features/` beside any other checkpoint
+file; `~/.cache/selfsup/features/` when that folder is not writable or the checkpoint is not a file. The key
+holds the checkpoint's path, size and modification time, the data's files (or built-in name), the input size
+and normalisation, so a retrained checkpoint or a changed folder never reads stale features.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.sources import Source
+
+log = logging.getLogger("selfsup")
+VERSION = 1  # bump when what is stored changes
+
+
+def run_folder(checkpoint: str | Path) -> Path | None:
+    """The run folder a checkpoint belongs to (it holds config.yaml), or None."""
+    p = Path(checkpoint).expanduser()
+    for folder in (p, p.parent) if p.is_file() else (p,):
+        if folder.is_dir() and (folder / "config.yaml").exists():
+            return folder
+    return None
+
+
+def user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "selfsup" / "features"
+
+
+def cache_folder(checkpoint: str | Path) -> Path:
+    """Where the features of `checkpoint` are cached (created on first write)."""
+    run = run_folder(checkpoint)
+    if run is not None:
+        return run / "features"
+    p = Path(checkpoint).expanduser()
+    if p.is_file() and os.access(p.parent, os.W_OK):
+        return p.parent / "selfsup-features"
+    return user_cache()
+
+
+def file_identity(path: str | Path) -> dict:
+    """A checkpoint's identity: its resolved path, size and modification time (or its name, if not a file)."""
+    from ..train.checkpoint import latest
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = latest(p) or p
+    if not p.is_file():
+        return {"name": str(path)}
+    st = p.stat()
+    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def data_identity(source: Source) -> dict:
+    """A source's identity: its files with sizes and times (a folder), else its name and length (built-in)."""
+    files = getattr(source, "files", None)
+    ident = {"name": source.name, "n": len(source)}
+    if files is not None:
+        h = hashlib.sha1()
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        ident["files"] = h.hexdigest()
+    return ident
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-40:] or "data"
+
+
+class FeatureCache:
+    """Cached features of one checkpoint; `folder=None` turns caching off."""
+
+    def __init__(self, folder: Path | None, checkpoint: str | Path, variant: str = "trained"):
+        self.folder, self.checkpoint, self.variant = folder, checkpoint, variant
+
+    def path(self, spec: str, split: str, source: Source, **settings) -> Path:
+        key = {"version": VERSION, "checkpoint": file_identity(self.checkpoint), "variant": self.variant,
+               "data": data_identity(source), "split": split, **settings}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.folder / f"{slug(spec)}-{split}-{self.variant}-{digest}.safetensors"
+
+    def get(self, spec: str, split: str, source: Source, compute: Callable[[], tuple[dict, torch.Tensor]],
+            **settings) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The features and labels of one split: read from the cache, or computed and written to it."""
+        if self.folder is None:
+            return compute()
+        path = self.path(spec, split, source, **settings)
+        if path.exists():
+            try:
+                stored = load_file(str(path))
+                labels = stored.pop("labels")
+                log.info("features of %s (%s): from the cache %s", spec, split, path)
+                return stored, labels
+            except Exception as e:  # noqa: BLE001 - a damaged cache file is recomputed, never fatal
+                log.warning("%s: unreadable cache file (%s), computing the features again", path, type(e).__name__)
+        feats, labels = compute()
+        self._write(path, {**feats, "labels": labels})
+        return feats, labels
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            os.replace(tmp, path)
+            log.info("features cached in %s", path)
+        except OSError as e:
+            log.warning("features not cached: %s (%s)", path.parent, e.strerror or type(e).__name__)
