@@ -47,6 +47,16 @@ def batchnorm_case(out: Path) -> None:
                 "running": [net[1].running_mean, net[1].running_var]}, out / f"bn-{distributed.rank()}.pt")
 
 
+def sinkhorn_case(out: Path) -> None:
+    """DINOv2's Sinkhorn-Knopp targets of 12 teacher rows, each rank holding its share."""
+    from selfsup.methods.dinov2 import sinkhorn_knopp
+
+    logits = torch.randn(12, 16, generator=torch.Generator().manual_seed(2)) * 3
+    share = logits.chunk(distributed.world_size())[distributed.rank()]
+    q = distributed.all_gather(sinkhorn_knopp(share, temp=0.1, n_iterations=3))
+    torch.save(q, out / f"sinkhorn-{distributed.rank()}.pt")
+
+
 def signal_case(out: Path) -> None:
     """SIGTERM reaches rank 1 alone during step 3: both ranks stop after that step, rank 0 saves."""
     trainer = Trainer(tiny_config("dino", STEPS), out / "signal")
@@ -79,6 +89,7 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
         if trainer.method is not None:  # under FSDP, rank 0 alone gathers the whole method
             torch.save(trainer.method.state_dict(), out / name / f"state-{rank}.pt")
     batchnorm_case(out)
+    sinkhorn_case(out)
     signal_case(out)
     distributed.shutdown()
 
@@ -99,6 +110,7 @@ def runs(tmp_path_factory) -> tuple[Path, Path]:
         trainer.fit()
         torch.save(trainer.method.state_dict(), one / name / "state-0.pt")
     batchnorm_case(one)
+    sinkhorn_case(one)
     return two, one
 
 
@@ -138,6 +150,20 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(runs):
     two, _ = runs
     assert [(two / "signal" / f"stopped-{r}").read_text() for r in range(2)] == ["3", "3"]
     assert [p.name for p in (two / "signal").glob("checkpoint-*.pt")] == ["checkpoint-00000003.pt"]
+
+
+def test_sinkhorn_knopp_sums_over_ranks(runs):
+    """Targets of rows split over 2 ranks equal those of one process with all rows; the per-rank version
+    (no all-reduce) would not."""
+    from selfsup.methods.dinov2 import sinkhorn_knopp
+
+    two, one = runs
+    ref = torch.load(one / "sinkhorn-0.pt")
+    for r in range(2):
+        torch.testing.assert_close(torch.load(two / f"sinkhorn-{r}.pt"), ref, atol=1e-6, rtol=1e-5)
+    logits = torch.randn(12, 16, generator=torch.Generator().manual_seed(2)) * 3
+    per_rank = torch.cat([sinkhorn_knopp(h, temp=0.1, n_iterations=3) for h in logits.chunk(2)])
+    assert not torch.allclose(per_rank, ref, atol=1e-3)
 
 
 def test_global_batchnorm_matches_one_process_batch(runs):
