@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,12 +38,15 @@ def is_main() -> bool:
 def init(device: torch.device) -> torch.device:
     """Join torchrun's process group when WORLD_SIZE > 1; returns this process's device (cuda:LOCAL_RANK on
     GPUs). Only rank 0 logs below the error level."""
-    if enabled() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not enabled() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    if not enabled():
+        # an hour before a collective times out: the others wait while rank 0 evaluates or writes a checkpoint
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                                device_id=device if device.type == "cuda" else None)
     if not is_main():
         logging.getLogger("selfsup").setLevel(logging.ERROR)
     return device
@@ -108,7 +112,8 @@ def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
 def min_over_ranks(n: int) -> int:
     if not enabled():
         return n
-    t = torch.tensor([n], dtype=torch.int64)
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None  # NCCL: GPU tensors
+    t = torch.tensor([n], dtype=torch.int64, device=on)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t)
 
