@@ -20,7 +20,10 @@ def register(sub) -> None:
         description="Pretrain a backbone. With no arguments: DINO on a small ViT-tiny on the built-in MNIST 5k, on "
         "the CPU, then the teacher's k-NN accuracy beside random init and raw pixels.",
         epilog="Any config key can be set as key.sub=value, e.g. optim.lr=1e-3 crops.n_local=4 dino.out_dim=4096. "
-        "Without --config, the recipe is <method>_mnist5k for built-in data and <method>_imagenet otherwise.",
+        "Without --config, the recipe is <method>_mnist5k for built-in data and <method>_imagenet otherwise. "
+        "Under torchrun (torchrun --nproc-per-node N -m selfsup train ...) every process trains its share of the "
+        "global batch with DDP, or FSDP2 with train.distributed=fsdp. SIGTERM/SIGINT save a checkpoint and exit; "
+        "--resume continues.",
     )
     p.add_argument("--config", help="a recipe: YAML file, or the name of a shipped one (e.g. dinov2_vits8)")
     p.add_argument("--method", help="simclr | moco | byol | dino | ibot | dinov2 | distill (default: dino)")
