@@ -112,20 +112,23 @@ def print_table(table: dict, cfg: Config) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..eval.run import final_table
     from ..methods import resolve_init
+    from ..train import distributed
     from ..train.trainer import Interrupted, Trainer
 
     cfg, recipe = resolve_config(args)
     init = resolve_init(cfg, args.init_from) if args.init_from else None
     out = run_folder(cfg, args.out, args.resume)
     log.info("recipe %s -> run folder %s", recipe, out)
-    trainer = Trainer(cfg, out, resume=args.resume)
-    if init is not None:  # a resumed run then continues from its own checkpoint instead
-        log.info("--init-from %s: loaded %s", args.init_from, init(trainer.method))
     try:
+        trainer = Trainer(cfg, out, resume=args.resume)
+        if init is not None:  # a resumed run then continues from its own checkpoint instead
+            log.info("--init-from %s: loaded %s", args.init_from, init(trainer.method))
         result = trainer.fit()
     except Interrupted as e:
         log.warning(str(e))
         return e.exit_code
+    finally:
+        distributed.shutdown()  # torchrun's process group, if any: the evaluation below is rank 0's alone
     if not result:  # not the main process
         return 0
     table = final_table(trainer.method.backbone(), cfg, trainer.device) if cfg.eval.final else None
