@@ -1,0 +1,89 @@
+"""`selfsup report`: one self-contained HTML page for a run (figures embedded; the PNGs also lie beside it)."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from .plots import PANELS, curve, read_metrics
+
+
+def esc(x) -> str:
+    return html.escape(str(x))
+
+
+def fmt(v) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else esc(v)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def figure(png: Path, caption: str) -> str:
+    data = base64.b64encode(png.read_bytes()).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(png.name)}">'
+            f"<figcaption>{esc(caption)} ({esc(png.name)})</figcaption></figure>")
+
+
+def curves(run: Path, folder: Path) -> list[tuple[Path, str]]:
+    """The training curves as PNGs in `folder`: (path, title) of each one the run logged."""
+    metrics = run / "metrics.jsonl"
+    rows = read_metrics(metrics) if metrics.exists() else []
+    out = []
+    for title, keys in PANELS:
+        path = folder / f"curve-{keys[0]}.png"
+        if curve(rows, title, keys, path):
+            out.append((path, title))
+    return out
+
+
+def final_table(run: Path) -> str:
+    """The k-NN table `selfsup train` wrote (results.json), then every `selfsup eval` result in eval/."""
+    parts = []
+    results = run / "results.json"
+    knn = json.loads(results.read_text()).get("knn") if results.exists() else None
+    if knn:
+        names = {"trained": "trained backbone", "random_init": "same architecture, random init",
+                 "raw_pixels": "raw pixels"}
+        parts.append("<h3>k-NN at the end of training</h3>" + table(
+            ["features", "top-1 %", "top-5 %"], [[names.get(k, k), v["top1"], v["top5"]] for k, v in knn.items()]))
+    rows = []
+    for f in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
+        r = json.loads(f.read_text())
+        rows.append([r.get("protocol"), r.get("data"), "random init" if r.get("random_init") else "trained",
+                     r.get("features"), headline(r)])
+    if rows:
+        parts.append("<h3>Evaluations (selfsup eval)</h3>" + table(
+            ["protocol", "data", "backbone", "features", "result"], rows))
+    return "".join(parts) or "<p>No evaluation yet: run <code>selfsup eval knn --checkpoint RUN</code>.</p>"
+
+
+def headline(r: dict) -> str:
+    """The figures of one evaluation result on one line."""
+    p = r.get("protocol")
+    if p == "knn":
+        return "; ".join(f"k={k}: top-1 {v['top1']:.2f} %" for k, v in r["k"].items())
+    if p == "linear":
+        return f"top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} % ({r['best']}, lr {r['kinds'][r['best']]['lr']:g})"
+    if p == "lowshot":
+        return "; ".join(f"{k}: {v['mean']:.2f} +/- {v['std']:.2f} %" for k, v in r["fractions"].items())
+    keys = [k for k in ("acc", "nmi", "ari", "fmi", "map", "recall@1", "recall@5") if k in r]
+    return ", ".join(f"{k.upper()} {r[k]:.2f} %" for k in keys)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f4f4f4}figure{display:inline-block;margin:.4em;vertical-align:top}
+figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.8em;color:#555}
+pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}"""
+
+
+def page(title: str, summary: str, sections: list[tuple[str, str]]) -> str:
+    body = "".join(f"<h2>{esc(h)}</h2>{content}" for h, content in sections)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{STYLE}</style>"
+            f"</head><body><h1>{esc(title)}</h1><p>{summary}</p>{body}</body></html>")
