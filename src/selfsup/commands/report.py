@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     data = args.data or (None if args.images else cfg.data.eval_source or cfg.data.source)
     try:
         figures = pictures(run_dir, viz_images(args.images, data, args.n), folder, resolve_device(args.device))
-        pictures_html = "".join(report.figure(p, c) for p, c in figures)
+        pictures_html = "".join(report.figure(p, c, half=p.name.startswith("attention")) for p, c in figures)
     except UserError as e:  # no weights yet, or a backbone without attention: the rest of the page still helps
         log.warning("report: no attention/PCA figures (%s)", e)
         figures, pictures_html = [], f"<p>No figures: {html.escape(str(e))}</p>"

@@ -23,9 +23,10 @@ def table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def figure(png: Path, caption: str) -> str:
+def figure(png: Path, caption: str, half: bool = False) -> str:
+    """A PNG embedded in the page; `half` puts two side by side (trained beside random init)."""
     data = base64.b64encode(png.read_bytes()).decode()
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(png.name)}">'
+    return (f'<figure{" class=half" if half else ""}><img src="data:image/png;base64,{data}" alt="{esc(png.name)}">'
             f"<figcaption>{esc(caption)} ({esc(png.name)})</figcaption></figure>")
 
 
@@ -79,7 +80,7 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
 h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f4f4f4}figure{display:inline-block;margin:.4em;vertical-align:top}
-figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.8em;color:#555}
+figure img{max-width:100%;border:1px solid #eee}figure.half{width:48%}figcaption{font-size:.8em;color:#555}
 pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}"""
 
 

@@ -1,0 +1,81 @@
+"""The feature cache: where it lives, that a hit skips the computation, that a changed checkpoint or folder misses."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfsup.data.sources import open_folder
+from selfsup.eval.cache import FeatureCache, cache_folder, run_folder
+from selfsup.eval.features import available, select
+
+
+@pytest.fixture
+def images(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    return tmp_path / "imgs"
+
+
+def test_cache_folder_is_the_run_folder_beside_the_file_or_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: dino\n")
+    (run / "backbone.safetensors").write_bytes(b"x")
+    assert run_folder(run) == run and run_folder(run / "backbone.safetensors") == run
+    assert cache_folder(run) == cache_folder(run / "backbone.safetensors") == run / "features"
+    (tmp_path / "b.safetensors").write_bytes(b"x")
+    assert cache_folder(tmp_path / "b.safetensors") == tmp_path / "selfsup-features"
+    assert cache_folder("dinov2_vits14") == tmp_path / "xdg" / "selfsup" / "features"
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        (ro / "b.safetensors").write_bytes(b"x")
+        ro.chmod(0o555)
+        assert cache_folder(ro / "b.safetensors") == tmp_path / "xdg" / "selfsup" / "features"
+
+
+def test_a_hit_skips_the_computation_and_a_changed_checkpoint_or_folder_misses(tmp_path, images):
+    ckpt = tmp_path / "b.safetensors"
+    ckpt.write_bytes(b"weights")
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"cls": torch.randn(6, 2, 4), "avgpool": torch.randn(6, 4)}, torch.arange(6)
+
+    cache = FeatureCache(cache_folder(ckpt), ckpt)
+    src = open_folder(images)
+    first = cache.get("imgs", "train", src, compute, size=8)
+    second = cache.get("imgs", "train", src, compute, size=8)
+    assert len(calls) == 1 and torch.equal(first[0]["cls"], second[0]["cls"]) and torch.equal(first[1], second[1])
+    cache.get("imgs", "train", src, compute, size=16)  # another input size
+    FeatureCache(cache_folder(ckpt), ckpt, "random-init").get("imgs", "train", src, compute, size=8)
+    assert len(calls) == 3
+    ckpt.write_bytes(b"retrained weights")
+    cache.get("imgs", "train", src, compute, size=8)
+    assert len(calls) == 4
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "a" / "0.png")  # an image replaced
+    cache.get("imgs", "train", open_folder(images), compute, size=8)
+    assert len(calls) == 5
+    FeatureCache(None, ckpt).get("imgs", "train", src, compute, size=8)  # caching off
+    FeatureCache(None, ckpt).get("imgs", "train", src, compute, size=8)
+    assert len(calls) == 7
+
+
+def test_feature_kinds():
+    feats = {"cls": torch.arange(2 * 4 * 3.0).view(2, 4, 3), "avgpool": -torch.ones(2, 3)}
+    assert torch.equal(select(feats, "cls"), feats["cls"][:, -1])
+    assert torch.equal(select(feats, "last4"), feats["cls"].flatten(1))
+    assert torch.equal(select(feats, "last2+avgpool"), torch.cat([feats["cls"][:, 2:].flatten(1), -torch.ones(2, 3)], 1))
+    assert available(feats) == ["cls", "cls+avgpool", "last4", "last4+avgpool"]
+    assert available({"cls": torch.ones(2, 1, 3)}) == ["cls"]  # a CNN: one pooled feature
+    from selfsup.errors import UserError
+
+    for bad in ("last5", "avg", "cls+max"):
+        with pytest.raises(UserError):
+            select(feats, bad)
