@@ -1,0 +1,144 @@
+"""Collapse study on the built-in MNIST 5k, on the CPU: the DINO paper's Fig. 7 and Table 7 (row 2), and
+BYOL without its predictor (BYOL Table 5b).
+
+Variants, all with the same small ViT, data, schedule and budget:
+  dino               centring + sharpening + momentum teacher: learns
+  no_centering       sharpening only (centre frozen at 0): one prototype wins, teacher entropy -> 0
+  no_sharpening      centring only (teacher temperature = student temperature 0.1): uniform, entropy -> log K
+  no_momentum        the teacher is a copy of the student (lambda = 0): collapse, k-NN near chance
+  byol               BYOL with its predictor: learns
+  byol_no_predictor  BYOL without the predictor: the projections collapse to a constant
+
+Prints a table, writes benchmarks/results/collapse.json and collapse.png (teacher entropy and
+KL = H(P_t, P_s) - H(P_t) per step, as DINO Fig. 7, and the spread of BYOL's target projections).
+
+    nice -n 10 python benchmarks/collapse.py [--steps 150] [--only dino no_momentum]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from selfsup.config import Config, apply
+from selfsup.eval.run import knn_of_backbone
+from selfsup.nn import backbone_from_config
+from selfsup.train.trainer import Trainer
+
+RESULTS = Path(__file__).parent / "results"
+K = 1024  # prototypes: log K = 6.93
+
+COMMON = {
+    "data": {"source": "mnist5k", "num_workers": 1},
+    "backbone": {"arch": "vit_tiny", "patch_size": 7, "depth": 2, "img_size": 28, "drop_path": 0.0},
+    "crops": {"global_size": 28, "local_size": 14, "n_local": 2, "global_scale": [0.4, 1.0],
+              "local_scale": [0.1, 0.4], "blur_sigma": [0.1, 0.5]},
+    "dino": {"out_dim": K, "hidden_dim": 256, "bottleneck_dim": 128},
+    "byol": {"hidden_dim": 256, "out_dim": 64},
+    "teacher": {"momentum": 0.99, "temp": 0.07, "warmup_temp": 0.04, "warmup_temp_epochs": 30},
+    "optim": {"batch_size": 64, "lr": 0.004, "warmup_epochs": 10, "schedule_epochs": 100},  # 1e-3 at batch 64
+    "train": {"device": "cpu", "threads": 1},  # one compute thread + one loader process: faster than 2 on shared cores
+    "eval": {"final": False},
+}
+VARIANTS = {
+    "dino": ("dino", {}),
+    "no_centering": ("dino", {"dino": {"center_momentum": 1.0}}),  # c stays 0
+    "no_sharpening": ("dino", {"teacher": {"temp": 0.1, "warmup_temp": 0.1}}),  # tau_t = tau_s
+    "no_momentum": ("dino", {"teacher": {"momentum": 0.0, "momentum_end": 0.0}}),  # theta_t <- theta_s
+    "byol": ("byol", {"crops": {"n_local": 0}}),
+    "byol_no_predictor": ("byol", {"crops": {"n_local": 0}, "byol": {"predictor": False}}),
+}
+
+
+def variant_config(name: str, steps: int) -> Config:
+    method, extra = VARIANTS[name]
+    cfg = Config()
+    apply(cfg, {"method": method, **COMMON, "optim": {**COMMON["optim"], "steps": steps}}, "collapse")
+    apply(cfg, extra, f"collapse variant {name}")
+    return cfg
+
+
+def curves(run: Path) -> dict[str, list[float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "teacher_entropy", "kl", "target_std")
+    return {k: [r[k] for r in rows if k in r] for k in keys if any(k in r for r in rows)}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, r in results["variants"].items():
+        c = r["curves"]
+        if "teacher_entropy" in c:
+            axes[0].plot(c["step"], c["teacher_entropy"], label=name)
+            axes[1].plot(c["step"], c["kl"], label=name)
+        if "target_std" in c:
+            axes[2].plot(c["step"], c["target_std"], label=f"{name} (k-NN {r['knn_top1']:.0f} %)")
+    axes[0].axhline(math.log(K), color="gray", ls="--", lw=1, label="log K")
+    axes[0].set(title="teacher entropy h(P_t) (nats)", xlabel="step")
+    axes[1].set(title="KL = H(P_t, P_s) - h(P_t)", xlabel="step")
+    axes[2].set(title="BYOL: spread of the target projections", xlabel="step", ylabel="mean std of z'/|z'|")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Collapse study on MNIST 5k ({results['steps']} steps, batch 64, ViT-tiny/7 x 2 blocks, K = {K})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--runs", default="runs/benchmark-collapse")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    out_json = RESULTS / "collapse.json"
+    results = json.loads(out_json.read_text()) if out_json.exists() and len(args.only) < len(VARIANTS) else {}
+    results.update(steps=args.steps, log_k=math.log(K))
+    variants = results.setdefault("variants", {})
+    device = torch.device("cpu")
+    baseline = None
+    t_all = time.perf_counter()
+    for name in args.only:
+        cfg = variant_config(name, args.steps)
+        out = Path(args.runs) / name
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, out)
+        trainer.fit()
+        knn = knn_of_backbone(trainer.method.backbone(), cfg, device, k=20)
+        if baseline is None:
+            torch.manual_seed(cfg.train.seed)
+            baseline = knn_of_backbone(backbone_from_config(cfg.backbone, drop_path=0.0), cfg, device)["top1"]
+        c = curves(out)
+        final = {k: sum(v[-10:]) / len(v[-10:]) for k, v in c.items() if k != "step"}  # mean of the last 10
+        variants[name] = {"knn_top1": knn["top1"], "final": final, "seconds": round(time.perf_counter() - t0, 1),
+                          "curves": c}
+        print(f"{name:18s} k-NN {knn['top1']:6.2f} %  " + "  ".join(f"{k} {v:.3f}" for k, v in final.items()),
+              flush=True)
+    results["random_init_knn_top1"] = baseline
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=1))
+    plot(results, RESULTS / "collapse.png")
+    print(f"\n{'variant':18s} {'k-NN top-1':>10s} {'h(P_t)':>8s} {'KL':>8s} {'target std':>10s}   (log K = "
+          f"{math.log(K):.2f}, random init k-NN {baseline:.2f} %, chance 10 %)")
+    for name, r in variants.items():
+        f = r["final"]
+        cells = [f"{f[k]:8.3f}" if k in f else f"{'-':>8s}" for k in ("teacher_entropy", "kl")]
+        std = f"{f['target_std']:10.4f}" if "target_std" in f else f"{'-':>10s}"
+        print(f"{name:18s} {r['knn_top1']:10.2f} {cells[0]} {cells[1]} {std}")
+    print(f"total {time.perf_counter() - t_all:.0f} s; {out_json}, {RESULTS / 'collapse.png'}")
+
+
+if __name__ == "__main__":
+    main()
