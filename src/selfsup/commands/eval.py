@@ -58,7 +58,8 @@ def register(sub) -> None:
     common(lowshot)
     lowshot.add_argument("--fractions", default="0.01,0.1", help="shares of the training labels")
     lowshot.add_argument("--seeds", type=int, default=3, help="number of random label subsets per share")
-    lowshot.add_argument("--lambd", type=float, default=0.1, help="L2 penalty on the mean loss (iBOT's lambda)")
+    lowshot.add_argument("--lambd", type=float, default=1e-4,
+                         help="L2 penalty on the mean loss (iBOT's lambda; its 0.1 over-regularises small data)")
     lowshot.set_defaults(run=run_lowshot)
 
     cluster = protocols.add_parser(
@@ -172,7 +173,7 @@ def run_linear(args: argparse.Namespace) -> int:
     for kind, k in r["kinds"].items():
         mark = "  <- chosen on val" if kind == r["best"] else ""
         print(f"  {kind:<16}{k['lr']:>9.0e}{k['val_top1']:>10.2f}%{k['top1']:>11.2f}%{k['top5']:>8.2f}%{mark}")
-    return finish(args, "linear", r)
+    return finish(args, "linear", {"epochs": args.epochs, "lrs": lrs, **r})
 
 
 def run_lowshot(args: argparse.Namespace) -> int:
@@ -187,7 +188,7 @@ def run_lowshot(args: argparse.Namespace) -> int:
     print(f"low-shot logistic regression (lambda={args.lambd}, {args.seeds} seeds, {args.features}) of {what}:")
     for name, v in r.items():
         print(f"  {name:>4} of the labels ({v['n_labels']:>5} images)  top-1 {v['mean']:6.2f} +/- {v['std']:.2f} %")
-    return finish(args, "lowshot", {"fractions": r})
+    return finish(args, "lowshot", {"lambd": args.lambd, "fractions": r})
 
 
 def run_cluster(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--data", help="take the figures' images from this source (default: the run's data, unless "
                    "IMAGE is given)")
     p.add_argument("--n", type=int, default=4, help="how many images to take from --data")
+    p.add_argument("--size", type=int, help="shorter side fed to the model for the figures (default: training size)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     p.set_defaults(run=run)
@@ -36,14 +37,14 @@ def run_config(run_dir: Path):
     return cfg
 
 
-def pictures(run_dir: Path, images, folder: Path, device) -> list[tuple[Path, str]]:
+def pictures(run_dir: Path, images, folder: Path, device, size: int | None) -> list[tuple[Path, str]]:
     """Attention maps (trained and random init) and PCA of the run's backbone, as PNGs in `folder`."""
     from ..viz.attention import attention_figure, attention_maps
     from ..viz.pca import pca_figure, pca_maps
     from ..weights import load
 
     loaded = load(run_dir)
-    size, mean, std = loaded.image_size, loaded.mean, loaded.std
+    size, mean, std = size or loaded.image_size, loaded.mean, loaded.std
     out = []
     for backbone, name, what in ((loaded.backbone, "attention.png", "trained backbone"),
                                  (loaded.random_init(seed=0), "attention-random-init.png", "same architecture, random init")):
@@ -63,15 +64,16 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
         raise UserError(f"{run_dir}: not a run folder (expected config.yaml from `selfsup train`)")
-    if args.n < 1:
-        raise UserError(f"--n {args.n}: expected at least 1")
+    if args.n < 1 or (args.size is not None and args.size < 1):
+        raise UserError("report: --n and --size must be at least 1")
     cfg = run_config(run_dir)
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
     curves = report.curves(run_dir, folder)
     data = args.data or (None if args.images else cfg.data.eval_source or cfg.data.source)
     try:
-        figures = pictures(run_dir, viz_images(args.images, data, args.n), folder, resolve_device(args.device))
+        figures = pictures(run_dir, viz_images(args.images, data, args.n), folder, resolve_device(args.device),
+                           args.size)
         pictures_html = "".join(report.figure(p, c, half=p.name.startswith("attention")) for p, c in figures)
     except UserError as e:  # no weights yet, or a backbone without attention: the rest of the page still helps
         log.warning("report: no attention/PCA figures (%s)", e)

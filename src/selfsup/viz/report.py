@@ -71,7 +71,8 @@ def headline(r: dict) -> str:
     if p == "linear":
         return f"top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} % ({r['best']}, lr {r['kinds'][r['best']]['lr']:g})"
     if p == "lowshot":
-        return "; ".join(f"{k}: {v['mean']:.2f} +/- {v['std']:.2f} %" for k, v in r["fractions"].items())
+        return "; ".join(f"{k}: {v['mean']:.2f} +/- {v['std']:.2f} %" for k, v in r["fractions"].items()) + (
+            f" (lambda {r['lambd']:g})" if "lambd" in r else "")
     keys = [k for k in ("acc", "nmi", "ari", "fmi", "map", "recall@1", "recall@5") if k in r]
     return ", ".join(f"{k.upper()} {r[k]:.2f} %" for k in keys)
 
