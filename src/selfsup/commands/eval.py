@@ -54,7 +54,7 @@ def register(sub) -> None:
     lowshot = protocols.add_parser(
         "lowshot", help="logistic regression on 1 %% and 10 %% of the labels, 3 seeds",
         description="Low-shot (DINO Table 12, iBOT Table 4): scikit-learn logistic regression on L2-normalised "
-        "features of 1 %% and 10 %% of each class of train, 3 seeds; test top-1 mean +/- std.")
+        "features of 1 % and 10 % of each class of train, 3 seeds; test top-1 mean +/- std.")
     common(lowshot)
     lowshot.add_argument("--fractions", default="0.01,0.1", help="shares of the training labels")
     lowshot.add_argument("--seeds", type=int, default=3, help="number of random label subsets per share")

@@ -13,7 +13,7 @@ def register(sub) -> None:
     attention = kinds.add_parser(
         "attention", help="per-head [CLS] attention of the last block, with 60 %% attention-mass masks",
         description="The [CLS] query's attention over the patches in each head of the last block, upsampled onto "
-        "the image (DINO Fig. 1, 3), and the smallest set of patches holding 60 %% of each head's attention (DINO "
+        "the image (DINO Fig. 1, 3), and the smallest set of patches holding 60 % of each head's attention (DINO "
         "Fig. 4). Register tokens are left out of the maps and shown apart.")
     common(attention)
     attention.add_argument("--mass", type=float, default=0.6, help="share of the attention the masks keep")

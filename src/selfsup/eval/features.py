@@ -85,7 +85,8 @@ def select(feats: Features, kind: str) -> torch.Tensor:
     n = int(m.group(2)) if m.group(2) else 1
     stored = feats["cls"].shape[1]
     if n < 1 or n > stored:
-        raise UserError(f"--features {kind}: this backbone gives the [CLS] of at most {stored} block(s)")
+        raise UserError(f"--features {kind}: the features hold the [CLS] of the last {stored} block(s) at most "
+                        f"(n from 1 to {stored})")
     parts = [feats["cls"][:, -n:].flatten(1)]
     if m.group(3):
         if "avgpool" not in feats:
