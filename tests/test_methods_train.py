@@ -36,6 +36,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     ("moco", {"moco": {"version": 2}, "teacher": {"momentum": 0.999, "momentum_end": 0.999}}),
     ("byol", {}),
     ("ibot", {"ibot": {"mask_sample_probability": 1.0}}),
+    ("ibot", {"ibot": {"mask_sample_probability": 0.0}}),  # no masks: no MIM term, no error
     ("dinov2", {"ibot": {"separate_head": True, "mask_sample_probability": 1.0},
                 "backbone": {"layerscale": 1e-5, "n_registers": 1, "drop_path": 0.1, "drop_path_uniform": True}}),
 ])

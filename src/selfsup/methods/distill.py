@@ -61,12 +61,9 @@ class Distill(DINOv2):
     def backbone(self) -> nn.Module:
         return self.student_ema["backbone"]
 
-    def loss_positions(self, batch: Batch) -> torch.Tensor:
+    def loss_positions(self, batch: Batch, unmasked: bool = True) -> torch.Tensor:
         """Without masking, the iBOT loss covers every patch of the two global crops."""
-        if batch.masks is not None:
-            return super().loss_positions(batch)
-        n, grid = batch.global_crops.shape[0], batch.global_crops.shape[-1] // self.cfg.backbone.patch_size
-        return torch.ones(n, grid * grid, dtype=torch.bool, device=batch.global_crops.device)
+        return super().loss_positions(batch, unmasked)
 
     @torch.no_grad()
     def after_step(self, progress: Progress) -> None:

@@ -80,12 +80,14 @@ class IBOT(DINO):
         """Extra weighted losses on the student's global-crop [CLS] tokens (DINOv2's KoLeo)."""
         return {}
 
-    def loss_positions(self, batch: Batch) -> torch.Tensor:
-        """Patches the MIM loss applies to, [n_global * B, N]: the masked ones."""
-        n = batch.global_crops.shape[0]
-        if batch.masks is None:
-            return torch.zeros(n, 0, dtype=torch.bool, device=batch.global_crops.device)
-        return batch.masks.flatten(1)
+    def loss_positions(self, batch: Batch, unmasked: bool = False) -> torch.Tensor:
+        """Patches the MIM loss applies to, [n_global * B, N]: the masked ones; without masks, none (or all,
+        with `unmasked`)."""
+        if batch.masks is not None:
+            return batch.masks.flatten(1)
+        x = batch.global_crops
+        n_patches = (x.shape[-2] // self.cfg.backbone.patch_size) * (x.shape[-1] // self.cfg.backbone.patch_size)
+        return torch.full((x.shape[0], n_patches), unmasked, dtype=torch.bool, device=x.device)
 
     def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         i, d = self.cfg.ibot, self.cfg.dino
