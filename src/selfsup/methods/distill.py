@@ -4,6 +4,7 @@ by default), and a spare EMA of the student, which is the model kept at the end.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ def load_teacher(spec: str | None) -> tuple[nn.ModuleDict, Config]:
     if not spec:
         raise UserError("distill needs a teacher: distill.teacher=<run folder or checkpoint of a dino, ibot or "
                         "dinov2 run>")
+    if not Path(spec).exists():
+        raise UserError(f"distill.teacher={spec}: no such run folder or checkpoint (train the teacher first, e.g. "
+                        "`selfsup train --method dinov2`, or set distill.teacher=RUN)")
     state = load_checkpoint(spec)
     cfg = Config()
     apply(cfg, state["config"], spec)
