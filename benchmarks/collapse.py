@@ -40,7 +40,8 @@ COMMON = {
               "local_scale": [0.1, 0.4], "blur_sigma": [0.1, 0.5]},
     "dino": {"out_dim": K, "hidden_dim": 256, "bottleneck_dim": 128},
     "byol": {"hidden_dim": 256, "out_dim": 64},
-    "teacher": {"momentum": 0.99, "temp": 0.07, "warmup_temp": 0.04, "warmup_temp_epochs": 30},
+    # a 150-step run: the teacher time constant 1 / (1 - m) is 10 steps (cosine to 1)
+    "teacher": {"momentum": 0.9, "temp": 0.07, "warmup_temp": 0.04, "warmup_temp_epochs": 30},
     "optim": {"batch_size": 64, "lr": 0.004, "warmup_epochs": 10, "schedule_epochs": 100},  # 1e-3 at batch 64
     "train": {"device": "cpu", "threads": 1},  # one compute thread + one loader process: faster than 2 on shared cores
     "eval": {"final": False},
