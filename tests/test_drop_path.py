@@ -38,13 +38,18 @@ def test_dropped_samples_skip_the_branch_kept_ones_are_rescaled():
 
 def test_subset_of_each_group_of_a_packing():
     torch.manual_seed(0)
-    rows, subset, scale = sample_subset(Packing(((10, 3), (5, 2))), 0.4, torch.device("cpu"))
-    assert subset.shapes == ((6, 3), (3, 2)) and rows.shape == (6 * 3 + 3 * 2,)
-    first, second = rows[:18].view(6, 3), rows[18:].view(3, 2)
-    assert (first[:, 1:] - first[:, :-1] == 1).all() and (first[:, 0] % 3 == 0).all() and first.max() < 30
-    assert (second[:, 1] - second[:, 0] == 1).all() and ((second[:, 0] - 30) % 2 == 0).all() and second.min() >= 30
-    assert len(set(first[:, 0].tolist())) == 6 and len(set(second[:, 0].tolist())) == 3
-    torch.testing.assert_close(scale.flatten(), torch.tensor([10 / 6] * 18 + [5 / 3] * 6))
+    kept, scales = sample_subset(Packing(((10, 3), (5, 2))), 0.4, torch.device("cpu"))
+    assert [len(k) for k in kept] == [6, 3] and scales == [10 / 6, 5 / 3]
+    assert len(set(kept[0].tolist())) == 6 and max(kept[0]) < 10 and len(set(kept[1].tolist())) == 3 and max(kept[1]) < 5
+
+
+def test_packed_efficient_drop_path_adds_the_branch_to_kept_samples_of_each_group():
+    x, packing = Packing.pack([torch.randn(10, 3, 4), torch.randn(5, 2, 4)])
+    out = block(0.4, True).residual(x, lambda y, p: torch.ones_like(y), packing)
+    for delta, (b, n), k in zip(packing.unpack(out - x), packing.shapes, (6, 3)):
+        kept = delta[:, 0, 0] > 0.5
+        assert int(kept.sum()) == k
+        torch.testing.assert_close(delta, kept.view(-1, 1, 1).float().expand_as(delta) * b / k)
 
 
 def test_efficient_equals_plain_drop_path_in_expectation():
@@ -73,8 +78,8 @@ def test_subset_scale_is_unbiased():
     b, rate, trials = 10, 0.4, 2000
     total = torch.zeros(b)
     for _ in range(trials):
-        rows, _, scale = sample_subset(Packing(((b, 1),)), rate, torch.device("cpu"))
-        total.index_add_(0, rows, scale.flatten())
+        (kept,), (scale,) = sample_subset(Packing(((b, 1),)), rate, torch.device("cpu"))
+        total[kept] += scale
     mean = total / trials
     p = 0.6
     se = math.sqrt((1 / p) ** 2 * p * (1 - p) / trials)

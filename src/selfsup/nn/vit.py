@@ -47,19 +47,12 @@ def drop_path(x: torch.Tensor, rate: float, training: bool, packing: Packing | N
     return x * mask / keep
 
 
-def sample_subset(packing: Packing, rate: float, device: torch.device) -> tuple[torch.Tensor, Packing, torch.Tensor]:
+def sample_subset(packing: Packing, rate: float, device: torch.device) -> tuple[list[torch.Tensor], list[float]]:
     """Efficient stochastic depth (DINOv2 layers/block.py): in each group of B samples keep a random subset of
-    max(int(B (1 - rate)), 1), to be scaled by B / subset so that the sum is unbiased. Returns the kept token rows,
-    their packing and the per-row scale [rows, 1]."""
-    rows, shapes, scales, offset = [], [], [], 0
-    for b, n in packing.shapes:
-        k = max(int(b * (1.0 - rate)), 1)
-        kept = torch.randperm(b, device=device)[:k]
-        rows.append((offset + kept.unsqueeze(1) * n + torch.arange(n, device=device)).flatten())
-        shapes.append((k, n))
-        scales.append(torch.full((k * n, 1), b / k, device=device))
-        offset += b * n
-    return torch.cat(rows), Packing(tuple(shapes)), torch.cat(scales)
+    k = max(int(B (1 - rate)), 1), whose branch is scaled by B / k so that the sum stays unbiased. Returns the
+    kept samples' indices and the scale, per group."""
+    kept = [torch.randperm(b, device=device)[: max(int(b * (1.0 - rate)), 1)] for b, _ in packing.shapes]
+    return kept, [b / len(k) for (b, _), k in zip(packing.shapes, kept)]
 
 
 class LayerScale(nn.Module):
@@ -124,8 +117,16 @@ class Block(nn.Module):
         the kept samples only: the dropped ones skip its computation."""
         rate = self.drop_path if self.training else 0.0
         if rate > 0.1 and self.drop_path_efficient:
-            rows, subset, scale = sample_subset(packing, rate, x.device)
-            return x.index_add(0, rows, (branch(x[rows], subset) * scale).to(x.dtype))
+            kept, scales = sample_subset(packing, rate, x.device)
+            c = x.shape[-1]
+            groups = [g.view(b, -1) for g, (b, _) in zip(packing.split(x), packing.shapes)]  # 2-D: fast indexing
+            subset = Packing(tuple((len(k), n) for k, (_, n) in zip(kept, packing.shapes)))
+            rows = [g[k].view(-1, c) for g, k in zip(groups, kept)]
+            ys = subset.split(branch(torch.cat(rows) if len(rows) > 1 else rows[0], subset).to(x.dtype))
+            # out-of-place index_put: measured faster than index_add on this CPU, forward and backward
+            out = [torch.index_put(g, (k,), y.view(len(k), -1) * s, accumulate=True).view(-1, c)
+                   for g, k, y, s in zip(groups, kept, ys, scales)]
+            return torch.cat(out) if len(out) > 1 else out[0]
         return x + drop_path(branch(x, packing), rate, self.training, packing)
 
     def forward(self, x: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
