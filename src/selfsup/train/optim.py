@@ -52,7 +52,7 @@ def build_optimizer(modules: dict[str, nn.Module], cfg: Config, device: torch.de
 
         return LARS(groups, lr=0.0)
     # fused AdamW: one kernel for all parameters, on CUDA and (torch >= 2.4) on the CPU, where it measured
-    # 2.4x faster than the foreach version for ViT-S (benchmarks/results/fused_adamw.json)
+    # 2.4-12x faster than the foreach version for ViT-S (benchmarks/results/fused_adamw.json)
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=fused or None)
 
