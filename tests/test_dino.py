@@ -5,6 +5,7 @@ import torch
 
 from selfsup.methods.base import ema_update
 from selfsup.methods.dino import centred_sharpened, dino_loss, update_center
+from selfsup.nn.heads import DINOHead
 
 
 def reference_dino_loss(student, teacher, center, tau_s, tau_t):
@@ -63,3 +64,21 @@ def test_ema_update_skips_parameters_only_the_student_has():
     student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     ema_update(teacher, student, momentum=0.0)
     assert torch.equal(teacher[0].weight, student[0].weight)
+
+
+def test_head_batchnorm_follows_each_hidden_linear_and_the_teacher_uses_batch_statistics():
+    from selfsup.methods.dino import DINO
+    from tests.conftest import tiny_config
+
+    head = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4, n_layers=3, use_bn=True)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+    method = DINO(tiny_config(dino={"use_bn": True})).train()
+    assert method.teacher["head"].training and not method.teacher["backbone"].training
+    x = torch.randn(6, method.teacher["head"].mlp[0].in_features)
+    bn = method.teacher["head"].mlp[1]
+    before = bn.running_mean.clone()
+    method.teacher["head"](x)
+    assert not torch.equal(bn.running_mean, before)  # batch statistics: the running ones moved
+    plain = DINO(tiny_config(dino={"use_bn": False})).train()
+    assert not plain.teacher["head"].training  # without BN the teacher stays in eval mode

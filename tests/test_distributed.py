@@ -26,7 +26,7 @@ from tiny import ARGS, losses, tiny_config
 
 STEPS = 5
 CASES = {
-    "dino": tiny_config("dino", STEPS),
+    "dino": tiny_config("dino", STEPS, dino={"use_bn": True}),  # BatchNorm in the head: batch statistics over all ranks
     "simclr": tiny_config("simclr", STEPS, crops={"n_local": 0}),
     # FSDP2: each rank holds half of every parameter; checkpointed at step 3, resumed from it for steps 4-5
     "dino_fsdp": tiny_config("dino", STEPS, train={"distributed": "fsdp", "checkpoint_every": 3}),

@@ -79,6 +79,7 @@ class DinoConfig:
     bottleneck_dim: int = 256
     n_layers: int = 3
     norm_last_layer: bool = True  # freeze the weight-norm magnitude g at 1
+    use_bn: bool = False  # BatchNorm in the head's MLP (main_dino.py use_bn_in_head; the teacher's uses batch statistics)
     student_temp: float = 0.1  # tau_s
     center_momentum: float = 0.9  # m in c <- m c + (1 - m) mean(g_t)
     loss_weight: float = 1.0

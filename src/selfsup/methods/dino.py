@@ -61,11 +61,17 @@ class DINO(Method):
         d = self.cfg.dino
         backbone = backbone_from_config(self.cfg.backbone)
         head = DINOHead(feature_dim(backbone), d.out_dim, d.hidden_dim, d.bottleneck_dim, d.n_layers,
-                        d.norm_last_layer)
+                        d.norm_last_layer, d.use_bn)
         return nn.ModuleDict({"backbone": backbone, "head": head})
 
     def teachers(self) -> list[nn.Module]:
         return [self.teacher]
+
+    def train(self, mode: bool = True) -> "DINO":
+        super().train(mode)
+        if mode and self.cfg.dino.use_bn:
+            self.teacher["head"].train()  # batch statistics in the teacher's head too, as in main_dino.py
+        return self
 
     def student_modules(self) -> dict[str, nn.Module]:
         return dict(self.student.items())

@@ -22,17 +22,18 @@ class WeightNormLinear(nn.Module):
 
 class DINOHead(nn.Module):
     """DINO projection head: MLP (GELU) -> bottleneck -> L2 normalise -> weight-normalised prototypes.
-    `norm_last_layer` freezes g = 1 (DINO Sec. 3.1; main_dino.py)."""
+    `norm_last_layer` freezes g = 1 (DINO Sec. 3.1; main_dino.py). `use_bn` puts a BatchNorm after each hidden
+    Linear (main_dino.py's `use_bn_in_head`, off for ViTs in the paper)."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 n_layers: int = 3, norm_last_layer: bool = True):
+                 n_layers: int = 3, norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i in range(n_layers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < n_layers - 1:
-                layers.append(nn.GELU())
+                layers += [nn.BatchNorm1d(hidden_dim), nn.GELU()] if use_bn else [nn.GELU()]
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
