@@ -30,9 +30,10 @@ RESULTS = Path(__file__).parent / "results"
 def method_config(method: str, epochs: float, runs: Path) -> Config:
     cfg = Config()
     load_recipe(cfg, f"{method}_mnist5k")
-    common = {"optim": {"epochs": epochs, "steps": None}, "eval": {"final": False}, "train": {"threads": 1}}
+    common = {"optim": {"epochs": epochs, "steps": None, "batch_size": 128}, "eval": {"final": False},
+              "train": {"threads": 1}}
     if method != "distill":
-        common["backbone"] = {"depth": 2}  # the same backbone for all (dino_mnist5k itself has 4 blocks)
+        common["backbone"] = {"depth": 2}  # the same backbone for all (the 2 blocks of dino_mnist5k)
     else:
         common["distill"] = {"teacher": str(runs / "dinov2")}
     apply(cfg, common, "benchmarks/methods.py")
