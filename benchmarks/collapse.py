@@ -33,9 +33,12 @@ from selfsup.train.trainer import Trainer
 RESULTS = Path(__file__).parent / "results"
 K = 1024  # prototypes: log K = 6.93
 
-# every variant is the default recipe (dino_mnist5k: ViT-tiny/7 x 2 blocks, BatchNorm head with K = 1024
-# prototypes, tau_t 0.04, momentum 0.99, batch 64) with one ingredient changed; BYOL shares its backbone and crops
+# every variant is the default recipe (dino_mnist5k: 2-block ViT-tiny, BatchNorm head with K = 1024 prototypes,
+# tau_t 0.04, momentum 0.99, batch 64) at patch 7 and lr 1e-3, with one ingredient changed; BYOL shares its
+# backbone and crops
 COMMON = {
+    "backbone": {"patch_size": 7},  # 4 x 4 tokens: attention has room to collapse or not
+    "optim": {"lr": 0.004},  # x 64 / 256 = 1e-3
     "byol": {"hidden_dim": 256, "out_dim": 64},
     "train": {"threads": 1},  # one compute thread + one loader process: faster than 2 on shared cores
     "eval": {"final": False},

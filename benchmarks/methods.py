@@ -33,7 +33,7 @@ def method_config(method: str, epochs: float, runs: Path) -> Config:
     common = {"optim": {"epochs": epochs, "steps": None, "batch_size": 128}, "eval": {"final": False},
               "train": {"threads": 1}}
     if method != "distill":
-        common["backbone"] = {"depth": 2}  # the same backbone for all (the 2 blocks of dino_mnist5k)
+        common["backbone"] = {"depth": 2, "patch_size": 7}  # the same backbone for all
     else:
         common["distill"] = {"teacher": str(runs / "dinov2")}
     apply(cfg, common, "benchmarks/methods.py")
