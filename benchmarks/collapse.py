@@ -31,8 +31,6 @@ from selfsup.nn import backbone_from_config
 from selfsup.train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
-K = 1024  # prototypes: log K = 6.93
-
 # every variant is the default recipe (dino_mnist5k: 2-block ViT-tiny, BatchNorm head with K = 1024 prototypes,
 # tau_t 0.04, momentum 0.99, batch 64) at patch 7 and lr 1e-3, with one ingredient changed; BYOL shares its
 # backbone and crops
@@ -60,6 +58,9 @@ def variant_config(name: str, steps: int) -> Config:
     apply(cfg, {"method": method, **COMMON, "optim": {"steps": steps}}, "collapse")
     apply(cfg, extra, f"collapse variant {name}")
     return cfg
+
+
+K = variant_config("dino", 1).dino.out_dim  # the recipe's prototypes (1024: log K = 6.93)
 
 
 def curves(run: Path) -> dict[str, list[float]]:

@@ -97,11 +97,9 @@ def input(args) -> dict:
     from selfsup.data.builtin import open_source
 
     out = {}
-    recipe = Config()
-    load_recipe(recipe, "dino_mnist5k")
-    b = recipe.backbone  # the recipe's own backbone and batch
-    cfg = config(recipe="dino_mnist5k", arch=b.arch, patch=b.patch_size, img=b.img_size, depth=b.depth,
-                 batch=recipe.optim.batch_size)
+    cfg = Config()
+    load_recipe(cfg, "dino_mnist5k")  # the recipe's own backbone, crops and batch
+    apply(cfg, {"train": {"device": "cpu"}}, "bench")
     pipe = input_pipeline(cfg, open_source("mnist5k", "train"), 256, torch.device("cpu"))
     step = measure(cfg, "train", {"auto": Setting()}, args.steps, 1, method=True)
     train_ips = step["variants"]["auto"]["images_per_s"]

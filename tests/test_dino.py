@@ -68,7 +68,7 @@ def test_ema_update_skips_parameters_only_the_student_has():
 
 def test_head_batchnorm_follows_each_hidden_linear_and_the_teacher_uses_batch_statistics():
     from selfsup.methods.dino import DINO
-    from tests.conftest import tiny_config
+    from conftest import tiny_config
 
     head = DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4, n_layers=3, use_bn=True)
     kinds = [type(m).__name__ for m in head.mlp]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from ..config import Config, apply, load_recipe, parse_override, recipe_path
 from ..data.builtin import BUILTIN
-from ..errors import UserError
-from ..methods import METHODS
+from ..methods import check_method
 
 log = logging.getLogger("selfsup")
 
@@ -73,8 +72,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, str]:
     overrides = [parse_override(o) for o in args.overrides]
     method = flags.get("method") or next((o["method"] for o in overrides if "method" in o), None)
     data = flags.get("data", {}).get("source") or "mnist5k"
-    if method is not None and method not in METHODS:
-        raise UserError(f"unknown method '{method}' (expected one of: {', '.join(METHODS)})")
+    if method is not None:
+        check_method(method)  # before the recipe lookup, whose error would name a recipe instead
     recipe = args.config
     if recipe is None:
         recipe = default_recipe(method or "dino", data)

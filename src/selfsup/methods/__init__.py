@@ -18,9 +18,13 @@ METHODS = {
 }
 
 
+def check_method(name: str) -> None:
+    if name not in METHODS:
+        raise UserError(f"unknown method '{name}' (expected one of: {', '.join(METHODS)})")
+
+
 def build_method(cfg: Config) -> Method:
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method '{cfg.method}' (expected one of: {', '.join(METHODS)})")
+    check_method(cfg.method)
     import importlib
 
     module, cls = METHODS[cfg.method].rsplit(".", 1)
