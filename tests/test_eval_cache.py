@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from selfsup.data.sources import open_folder
-from selfsup.eval.cache import FeatureCache, cache_folder, run_folder
+from selfsup.eval.cache import FeatureCache, cache_folder, run_folder, stored_key
 from selfsup.eval.features import available, select
 
 
@@ -65,6 +65,41 @@ def test_a_hit_skips_the_computation_and_a_changed_checkpoint_or_folder_misses(t
     FeatureCache(None, ckpt).get("imgs", "train", src, compute, size=8)  # caching off
     FeatureCache(None, ckpt).get("imgs", "train", src, compute, size=8)
     assert len(calls) == 7
+
+
+def test_an_entry_replaces_the_ones_it_supersedes_and_those_of_deleted_checkpoints(tmp_path, images):
+    ckpt, other = tmp_path / "b.safetensors", tmp_path / "c.safetensors"
+    ckpt.write_bytes(b"weights")
+    other.write_bytes(b"other weights")
+    folder = cache_folder(ckpt)
+    folder.mkdir()
+    (folder / "foreign.safetensors").write_bytes(b"not ours")
+
+    def compute():
+        return {"cls": torch.randn(6, 1, 4)}, torch.arange(6)
+
+    def entries() -> list:
+        return [f for f in folder.glob("*.safetensors") if stored_key(f) is not None]
+
+    cache, src = FeatureCache(folder, ckpt), open_folder(images)
+    cache.get("imgs", "train", src, compute, size=8)
+    cache.get("imgs", "test", src, compute, size=8)
+    cache.get("imgs", "train", src, compute, size=16)
+    FeatureCache(folder, ckpt, "random-init").get("imgs", "train", src, compute, size=8)
+    FeatureCache(folder, other).get("imgs", "train", src, compute, size=8)
+    assert len(entries()) == 5
+    ckpt.write_bytes(b"retrained weights")
+    cache.get("imgs", "train", src, compute, size=8)  # supersedes the old train/size 8 entry only
+    assert len(entries()) == 5
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(images / "a" / "0.png")
+    cache.get("imgs", "train", open_folder(images), compute, size=8)  # supersedes the entry of the old images
+    assert len(entries()) == 5
+    ckpt.unlink()
+    FeatureCache(folder, other).get("imgs", "test", src, compute, size=8)  # every entry of b goes
+    left = [stored_key(f) for f in entries()]
+    assert sorted(k["split"] for k in left) == ["test", "train"]
+    assert {k["checkpoint"]["path"] for k in left} == {str(other.resolve())}
+    assert (folder / "foreign.safetensors").exists()
 
 
 def test_feature_kinds():

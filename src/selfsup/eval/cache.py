@@ -3,7 +3,10 @@
 Where: `<run>/features/` for a checkpoint inside a run folder; `selfsup-features/` beside any other checkpoint
 file; `~/.cache/selfsup/features/` when that folder is not writable or the checkpoint is not a file. The key
 holds the checkpoint's path, size and modification time, the data's files (or built-in name), the input size
-and normalisation, so a retrained checkpoint or a changed folder never reads stale features.
+and normalisation, so a retrained checkpoint or a changed folder never reads stale features. Each file keeps its
+key in its metadata; writing an entry deletes the entries it supersedes (same checkpoint path, data, split and
+settings, older checkpoint or data) and those of checkpoints that no longer exist, so the cache does not grow
+with every retraining.
 """
 from __future__ import annotations
 
@@ -16,12 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..data.sources import Source
 
 log = logging.getLogger("selfsup")
-VERSION = 1  # bump when what is stored changes
+VERSION = 2  # bump when what is stored changes
 
 
 def run_folder(checkpoint: str | Path) -> Path | None:
@@ -84,18 +88,21 @@ class FeatureCache:
     def __init__(self, folder: Path | None, checkpoint: str | Path, variant: str = "trained"):
         self.folder, self.checkpoint, self.variant = folder, checkpoint, variant
 
-    def path(self, spec: str, split: str, source: Source, **settings) -> Path:
-        key = {"version": VERSION, "checkpoint": file_identity(self.checkpoint), "variant": self.variant,
-               "data": data_identity(source), "split": split, **settings}
+    def key(self, split: str, source: Source, **settings) -> dict:
+        return {"version": VERSION, "checkpoint": file_identity(self.checkpoint), "variant": self.variant,
+                "data": data_identity(source), "split": split, **settings}
+
+    def path(self, spec: str, key: dict) -> Path:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return self.folder / f"{slug(spec)}-{split}-{self.variant}-{digest}.safetensors"
+        return self.folder / f"{slug(spec)}-{key['split']}-{self.variant}-{digest}.safetensors"
 
     def get(self, spec: str, split: str, source: Source, compute: Callable[[], tuple[dict, torch.Tensor]],
             **settings) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The features and labels of one split: read from the cache, or computed and written to it."""
         if self.folder is None:
             return compute()
-        path = self.path(spec, split, source, **settings)
+        key = self.key(split, source, **settings)
+        path = self.path(spec, key)
         if path.exists():
             try:
                 stored = load_file(str(path))
@@ -105,15 +112,47 @@ class FeatureCache:
             except Exception as e:  # noqa: BLE001 - a damaged cache file is recomputed, never fatal
                 log.warning("%s: unreadable cache file (%s), computing the features again", path, type(e).__name__)
         feats, labels = compute()
-        self._write(path, {**feats, "labels": labels})
+        if self._write(path, key, {**feats, "labels": labels}):
+            prune(self.folder, keep=path, key=key)
         return feats, labels
 
-    def _write(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    def _write(self, path: Path, key: dict, tensors: dict[str, torch.Tensor]) -> bool:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={KEY: json.dumps(key)})
             os.replace(tmp, path)
             log.info("features cached in %s", path)
+            return True
         except OSError as e:
             log.warning("features not cached: %s (%s)", path.parent, e.strerror or type(e).__name__)
+            return False
+
+
+KEY = "selfsup.feature_key"
+
+
+def slot(key: dict) -> str:
+    """What an entry is the features of, whatever the version of the checkpoint file and of the data."""
+    ckpt = {k: v for k, v in key["checkpoint"].items() if k in ("path", "name")}
+    return json.dumps({**key, "checkpoint": ckpt, "data": key["data"]["name"]}, sort_keys=True)
+
+
+def stored_key(path: Path) -> dict | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[KEY])
+    except Exception:  # noqa: BLE001 - not one of ours, or damaged: left alone
+        return None
+
+
+def prune(folder: Path, keep: Path, key: dict) -> None:
+    """Delete the entries `keep` supersedes and those of checkpoint files that are gone."""
+    for f in folder.glob("*.safetensors"):
+        other = stored_key(f) if f != keep else None
+        if other is None:
+            continue
+        gone = "path" in other["checkpoint"] and not Path(other["checkpoint"]["path"]).exists()
+        if gone or slot(other) == slot(key):
+            f.unlink(missing_ok=True)
+            log.info("stale features removed: %s", f)
