@@ -10,9 +10,10 @@ Variants, all with the same small ViT, data, schedule and budget:
   byol_no_predictor  BYOL without the predictor: the projections collapse to a constant
 
 Prints a table, writes benchmarks/results/collapse.json and collapse.png (teacher entropy and
-KL = H(P_t, P_s) - H(P_t) per step, as DINO Fig. 7, and the spread of BYOL's target projections).
+KL = H(P_t, P_s) - H(P_t) per step, as DINO Fig. 7, the spread of BYOL's target projections, and the k-NN
+top-1 of every variant every 100 steps).
 
-    nice -n 10 python benchmarks/collapse.py [--steps 300] [--only dino no_momentum]
+    nice -n 10 python benchmarks/collapse.py [--steps 300] [--lr 0.004] [--only dino no_momentum]
 """
 from __future__ import annotations
 
@@ -33,14 +34,15 @@ from selfsup.train.trainer import Trainer
 RESULTS = Path(__file__).parent / "results"
 # every variant is the default recipe (dino_mnist5k: 2-block ViT-tiny, BatchNorm head with K = 1024 prototypes,
 # tau_t 0.04, momentum 0.99, batch 64) at patch 7 and lr 1e-3, with one ingredient changed; BYOL shares its
-# backbone and crops
+# backbone and crops at its own recipe's lr
 COMMON = {
     "backbone": {"patch_size": 7},  # 4 x 4 tokens: attention has room to collapse or not
-    "optim": {"lr": 0.004},  # x 64 / 256 = 1e-3
     "byol": {"hidden_dim": 256, "out_dim": 64},
     "train": {"threads": 1},  # one compute thread + one loader process: faster than 2 on shared cores
-    "eval": {"final": False},
+    "eval": {"final": False, "every": 100},
 }
+DINO_LR = 0.004  # x 64 / 256 = 1e-3
+BYOL_LR = 0.001  # x 64 / 256 = 2.5e-4, byol_mnist5k's (at 1e-3 BYOL itself falls below random init: 48.5 %)
 VARIANTS = {
     "dino": ("dino", {}),
     "no_centering": ("dino", {"dino": {"center_momentum": 1.0}}),  # c stays 0
@@ -51,11 +53,12 @@ VARIANTS = {
 }
 
 
-def variant_config(name: str, steps: int) -> Config:
+def variant_config(name: str, steps: int, dino_lr: float = DINO_LR) -> Config:
     method, extra = VARIANTS[name]
     cfg = Config()
     load_recipe(cfg, "dino_mnist5k")
-    apply(cfg, {"method": method, **COMMON, "optim": {"steps": steps}}, "collapse")
+    lr = dino_lr if method == "dino" else BYOL_LR
+    apply(cfg, {"method": method, **COMMON, "optim": {"steps": steps, "lr": lr}}, "collapse")
     apply(cfg, extra, f"collapse variant {name}")
     return cfg
 
@@ -64,9 +67,14 @@ K = variant_config("dino", 1).dino.out_dim  # the recipe's prototypes (1024: log
 
 
 def curves(run: Path) -> dict[str, list[float]]:
+    """Per training step: loss, teacher entropy, KL, target spread; per evaluation: k-NN top-1."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    keys = ("step", "loss", "teacher_entropy", "kl", "target_std")
-    return {k: [r[k] for r in rows if k in r] for k in keys if any(k in r for r in rows)}
+    train = [r for r in rows if "loss" in r]
+    out = {k: [r[k] for r in train] for k in ("step", "loss", "teacher_entropy", "kl", "target_std")
+           if any(k in r for r in train)}
+    evals = [r for r in rows if "knn_top1" in r]
+    out.update(knn_step=[r["step"] for r in evals], knn_top1=[r["knn_top1"] for r in evals])
+    return out
 
 
 def plot(results: dict, path: Path) -> None:
@@ -75,9 +83,10 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     for name, r in results["variants"].items():
         c = r["curves"]
+        axes[3].plot([0, *c["knn_step"]], [results["random_init_knn_top1"], *c["knn_top1"]], marker="o", label=name)
         if "teacher_entropy" in c:
             axes[0].plot(c["step"], c["teacher_entropy"], label=name)
             axes[1].plot(c["step"], c["kl"], label=name)
@@ -87,6 +96,8 @@ def plot(results: dict, path: Path) -> None:
     axes[0].set(title="teacher entropy h(P_t) (nats)", xlabel="step")
     axes[1].set(title="KL = H(P_t, P_s) - h(P_t)", xlabel="step")
     axes[2].set(title="BYOL: spread of the target projections", xlabel="step", ylabel="mean std of z'/|z'|")
+    axes[3].axhline(10, color="gray", ls=":", lw=1, label="chance")
+    axes[3].set(title="k-NN top-1 (%) of the backbone (step 0: random init)", xlabel="step", ylim=(0, 100))
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -98,19 +109,20 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=DINO_LR, help="base lr of the DINO variants (x batch / 256)")
     p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--runs", default="runs/benchmark-collapse")
     args = p.parse_args()
     torch.set_num_threads(1)
     out_json = RESULTS / "collapse.json"
     results = json.loads(out_json.read_text()) if out_json.exists() and len(args.only) < len(VARIANTS) else {}
-    results.update(steps=args.steps, log_k=math.log(K))
+    results.update(steps=args.steps, dino_lr=args.lr, byol_lr=BYOL_LR, log_k=math.log(K))
     variants = results.setdefault("variants", {})
     device = torch.device("cpu")
     baseline = None
     t_all = time.perf_counter()
     for name in args.only:
-        cfg = variant_config(name, args.steps)
+        cfg = variant_config(name, args.steps, args.lr)
         out = Path(args.runs) / name
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
@@ -121,7 +133,9 @@ def main() -> None:
             torch.manual_seed(cfg.train.seed)
             baseline = knn_of_backbone(backbone_from_config(cfg.backbone, drop_path=0.0), cfg, device)["top1"]
         c = curves(out)
-        final = {k: sum(v[-10:]) / len(v[-10:]) for k, v in c.items() if k != "step"}  # mean of the last 10
+        c["knn_step"].append(args.steps)
+        c["knn_top1"].append(knn["top1"])
+        final = {k: sum(v[-10:]) / len(v[-10:]) for k, v in c.items() if not k.endswith(("step", "knn_top1"))}
         variants[name] = {"knn_top1": knn["top1"], "final": final, "seconds": round(time.perf_counter() - t0, 1),
                           "curves": c}
         print(f"{name:18s} k-NN {knn['top1']:6.2f} %  " + "  ".join(f"{k} {v:.3f}" for k, v in final.items()),
