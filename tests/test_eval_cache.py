@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from selfsup.data.sources import open_folder
-from selfsup.eval.cache import FeatureCache, cache_folder, run_folder, stored_key
+from selfsup.eval.cache import FeatureCache, cache_folder, file_identity, run_folder, stored_key
 from selfsup.eval.features import available, select
 
 
@@ -65,6 +65,19 @@ def test_a_hit_skips_the_computation_and_a_changed_checkpoint_or_folder_misses(t
     FeatureCache(None, ckpt).get("imgs", "train", src, compute, size=8)  # caching off
     FeatureCache(None, ckpt).get("imgs", "train", src, compute, size=8)
     assert len(calls) == 7
+
+
+def test_a_run_folder_is_known_by_the_file_load_reads(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: dino\n")
+    (run / "checkpoint-00000010.pt").write_bytes(b"state")
+    assert file_identity(run)["path"].endswith("checkpoint-00000010.pt")
+    (run / "backbone.safetensors").write_bytes(b"export")  # what selfsup.load reads once it exists
+    before = file_identity(run)
+    assert before["path"].endswith("backbone.safetensors")
+    (run / "backbone.safetensors").write_bytes(b"another export")
+    assert file_identity(run) != before
 
 
 def test_an_entry_replaces_the_ones_it_supersedes_and_those_of_deleted_checkpoints(tmp_path, images):

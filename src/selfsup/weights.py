@@ -107,19 +107,25 @@ def _from_checkpoint(state: dict, where: str) -> Loaded:
                   where)
 
 
+def run_backbone_file(run: Path) -> Path | None:
+    """The file `load` reads from a run folder: its export, else its latest checkpoint."""
+    from .train.checkpoint import latest
+
+    export = run / "backbone.safetensors"
+    return export if export.exists() else latest(run)
+
+
 def load(path: str | Path) -> Loaded:
     """A backbone in eval mode from a run folder (its export, else its latest checkpoint), a selfsup checkpoint,
     a safetensors export, or an official DINO/DINOv2 file. A .pt/.pth file is a pickle: load only files you
     trust."""
     from .official import from_object
-    from .train.checkpoint import latest
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory (expected {EXPECTED})")
     if path.is_dir():
-        found = path / "backbone.safetensors"
-        found = found if found.exists() else latest(path)
+        found = run_backbone_file(path)
         if found is None:
             raise UserError(f"{path}: a folder without backbone.safetensors or checkpoint-*.pt (expected {EXPECTED})")
         path = found

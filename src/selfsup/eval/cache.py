@@ -53,12 +53,13 @@ def cache_folder(checkpoint: str | Path) -> Path:
 
 
 def file_identity(path: str | Path) -> dict:
-    """A checkpoint's identity: its resolved path, size and modification time (or its name, if not a file)."""
-    from ..train.checkpoint import latest
+    """A checkpoint's identity: the resolved path, size and modification time of the file `load` reads (or its
+    name, if not a file)."""
+    from ..weights import run_backbone_file
 
     p = Path(path).expanduser()
     if p.is_dir():
-        p = latest(p) or p
+        p = run_backbone_file(p) or p
     if not p.is_file():
         return {"name": str(path)}
     st = p.stat()
