@@ -9,7 +9,8 @@ Variants, all with the same small ViT, data, schedule and budget:
   byol               BYOL with its predictor: learns
   byol_no_predictor  BYOL without the predictor: the projections collapse to a constant
 
-Prints a table, writes benchmarks/results/collapse.json and collapse.png (teacher entropy and
+Prints a table, writes benchmarks/results/collapse.json and collapse.png (collapse_<steps>steps_lr<lr>.* for
+other steps or lr; a run of some variants updates theirs in the file of its settings) (teacher entropy and
 KL = H(P_t, P_s) - H(P_t) per step, as DINO Fig. 7, the spread of BYOL's target projections, and the k-NN
 top-1 of every variant every 100 steps).
 
@@ -41,6 +42,7 @@ COMMON = {
     "train": {"threads": 1},  # one compute thread + one loader process: faster than 2 on shared cores
     "eval": {"final": False, "every": 100},
 }
+STEPS = 300
 DINO_LR = 0.004  # x 64 / 256 = 1e-3
 BYOL_LR = 0.001  # x 64 / 256 = 2.5e-4, byol_mnist5k's (at 1e-3 BYOL itself falls below random init: 48.5 %)
 VARIANTS = {
@@ -107,14 +109,15 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--lr", type=float, default=DINO_LR, help="base lr of the DINO variants (x batch / 256)")
     p.add_argument("--only", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--runs", default="runs/benchmark-collapse")
     args = p.parse_args()
     torch.set_num_threads(1)
-    out_json = RESULTS / "collapse.json"
+    stem = "collapse" if (args.steps, args.lr) == (STEPS, DINO_LR) else f"collapse_{args.steps}steps_lr{args.lr:g}"
+    out_json, out_png = RESULTS / f"{stem}.json", RESULTS / f"{stem}.png"
     results = json.loads(out_json.read_text()) if out_json.exists() and len(args.only) < len(VARIANTS) else {}
     results.update(steps=args.steps, dino_lr=args.lr, byol_lr=BYOL_LR, log_k=math.log(K))
     variants = results.setdefault("variants", {})
@@ -143,7 +146,7 @@ def main() -> None:
     results["random_init_knn_top1"] = baseline
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=1))
-    plot(results, RESULTS / "collapse.png")
+    plot(results, out_png)
     print(f"\n{'variant':18s} {'k-NN top-1':>10s} {'h(P_t)':>8s} {'KL':>8s} {'target std':>10s}   (log K = "
           f"{math.log(K):.2f}, random init k-NN {baseline:.2f} %, chance 10 %)")
     for name, r in variants.items():
@@ -151,7 +154,7 @@ def main() -> None:
         cells = [f"{f[k]:8.3f}" if k in f else f"{'-':>8s}" for k in ("teacher_entropy", "kl")]
         std = f"{f['target_std']:10.4f}" if "target_std" in f else f"{'-':>10s}"
         print(f"{name:18s} {r['knn_top1']:10.2f} {cells[0]} {cells[1]} {std}")
-    print(f"total {time.perf_counter() - t_all:.0f} s; {out_json}, {RESULTS / 'collapse.png'}")
+    print(f"total {time.perf_counter() - t_all:.0f} s; {out_json}, {out_png}")
 
 
 if __name__ == "__main__":

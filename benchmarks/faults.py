@@ -79,7 +79,7 @@ def verify(run: Path, reference: dict[int, float], since: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)

@@ -41,7 +41,7 @@ def method_config(method: str, epochs: float, runs: Path) -> Config:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=float, default=5.0)  # ~14 min on 2 cores; 2 epochs: margins of 1-2 points
     p.add_argument("--only", nargs="*", default=ORDER, choices=ORDER)
     p.add_argument("--runs", default="runs/benchmark-methods", help="where the runs are written")
