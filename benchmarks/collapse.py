@@ -101,8 +101,11 @@ def plot(results: dict, path: Path) -> None:
     axes[3].axhline(10, color="gray", ls=":", lw=1, label="chance")
     axes[3].set(title="k-NN top-1 (%) of the backbone (step 0: random init)", xlabel="step", ylim=(0, 100))
     for ax in axes:
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if not axes[2].lines:
+        axes[2].set_visible(False)  # no BYOL variant in this run
     fig.suptitle(f"Collapse study on MNIST 5k ({results['steps']} steps, batch 64, ViT-tiny/7 x 2 blocks, K = {K})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
