@@ -1,8 +1,12 @@
 """Recipes, overrides and their errors."""
+from importlib import resources
+
 import pytest
+import torch
 
 from selfsup.config import Config, apply, from_dict, load_recipe, parse_override, to_dict
 from selfsup.errors import UserError
+from selfsup.methods import METHODS, build_method
 
 
 def test_override_types():
@@ -40,3 +44,26 @@ def test_unknown_recipe(tmp_path):
     bad.write_text("optim: {lr: [1, 2}")
     with pytest.raises(UserError, match="not valid YAML"):
         load_recipe(Config(), str(bad))
+
+
+RECIPES = sorted(f.name[:-5] for f in resources.files("selfsup.configs").iterdir() if f.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_shipped_recipe_loads_and_builds_its_method(name):
+    cfg = Config()
+    load_recipe(cfg, name)
+    assert cfg.method in METHODS and name.startswith(cfg.method)
+    if cfg.method == "distill":  # needs a teacher run; its config is checked above
+        return
+    with torch.device("meta"):  # no memory, no init: the ImageNet recipes build in milliseconds
+        method = build_method(cfg)
+    assert sum(p.numel() for p in method.parameters()) > 0
+
+
+def test_moco_v2_recipe_is_the_paper():
+    cfg = Config()
+    load_recipe(cfg, "moco_v2_imagenet")
+    assert (cfg.moco.version, cfg.moco.queue_size, cfg.moco.temperature) == (2, 65536, 0.2)
+    assert (cfg.teacher.momentum, cfg.teacher.momentum_end) == (0.999, 0.999)
+    assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.batch_size, cfg.optim.weight_decay) == ("sgd", 0.03, 256, 1e-4)

@@ -2,13 +2,17 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
+from selfsup.config import Config, apply
+from selfsup.errors import UserError
 from selfsup.methods.byol import regression_loss
 from selfsup.methods.contrastive import info_nce, info_nce_queue, nt_xent
 from selfsup.methods.dinov2 import koleo_loss, sinkhorn_knopp
 from selfsup.methods.ibot import masked_patch_loss
 from selfsup.train.lars import LARS
+from selfsup.train.optim import build_optimizer, set_schedule
 
 G = torch.Generator().manual_seed(0)
 
@@ -126,3 +130,23 @@ def test_lars_step_matches_the_formula():
     before = b.detach().clone()
     opt.step()  # the momentum carries on: v = 0.9 v
     assert torch.allclose(b.detach(), before - 0.9 * 0.5 * 2.0)
+
+
+def test_sgd_is_momentum_sgd_with_the_scheduled_weight_decay_and_unknown_optimizers_fail():
+    cfg = Config()
+    apply(cfg, {"optim": {"optimizer": "sgd"}}, "test")
+    lin = torch.nn.Linear(2, 1)
+    opt = build_optimizer({"head": lin}, cfg, torch.device("cpu"))
+    set_schedule(opt, lr=0.5, weight_decay=0.1)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin.weight.grad, lin.bias.grad = torch.ones(1, 2), torch.ones(1)
+    opt.step()
+    assert torch.allclose(lin.weight.detach(), w0 - 0.5 * (1 + 0.1 * w0))  # weights decay
+    assert torch.allclose(lin.bias.detach(), b0 - 0.5)  # biases do not
+    lin.weight.grad, lin.bias.grad = torch.zeros(1, 2), torch.zeros(1)
+    b1 = lin.bias.detach().clone()
+    opt.step()
+    assert torch.allclose(lin.bias.detach(), b1 - 0.5 * 0.9)  # momentum 0.9
+    apply(cfg, {"optim": {"optimizer": "adam"}}, "test")
+    with pytest.raises(UserError, match="optim.optimizer='adam': expected one of adamw, lars, sgd"):
+        build_optimizer({"head": lin}, cfg, torch.device("cpu"))

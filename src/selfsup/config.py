@@ -162,7 +162,7 @@ class DistillConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adamw | lars
+    optimizer: str = "adamw"  # adamw | lars (SimCLR, BYOL) | sgd (momentum 0.9; MoCo v2)
     epochs: float = 100.0
     steps: int | None = None  # a fixed number of steps instead of epochs
     batch_size: int = 64  # global batch (all ranks together)
