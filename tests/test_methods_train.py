@@ -34,6 +34,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     ("simclr", {}),
     ("moco", {}),
     ("moco", {"moco": {"version": 2}, "teacher": {"momentum": 0.999, "momentum_end": 0.999}}),
+    ("moco", {"moco": {"version": 2, "shuffle_bn": 2}, "backbone": {"arch": "resnet18", "cifar_stem": True}}),
     ("byol", {}),
     ("ibot", {"ibot": {"mask_sample_probability": 1.0}}),
     ("ibot", {"ibot": {"mask_sample_probability": 0.0}}),  # no masks: no MIM term, no error
@@ -83,6 +84,31 @@ def test_byol_without_predictor_and_shape_errors():
         build_method(config("simclr", crops={"n_global": 3, "n_local": 0}))
     with pytest.raises(UserError, match="multiple of optim.batch_size"):
         build_method(config("moco", moco={**HEADS["moco"], "version": 2, "queue_size": 20}))
+
+
+def test_shuffling_bn_encodes_queries_in_groups_and_keys_in_groups_of_a_shuffled_batch():
+    from selfsup.errors import UserError
+    from selfsup.methods import build_method
+    from selfsup.methods.siamese import MomentumSiamese
+
+    cfg = config("moco", moco={**HEADS["moco"], "version": 2, "shuffle_bn": 2},
+                 backbone={"arch": "resnet18", "cifar_stem": True})
+    m = build_method(cfg).train()
+    x = torch.randn(8, 3, 16, 16)
+    plain_q, plain_k = MomentumSiamese.online(m, x), MomentumSiamese.target(m, x)
+    q = m.online(x)
+    assert torch.allclose(q, torch.cat([MomentumSiamese.online(m, x[:4]), MomentumSiamese.online(m, x[4:])]))
+    assert not torch.allclose(q, plain_q, atol=1e-3)  # BatchNorm statistics of each half, not of the batch
+    torch.manual_seed(3)
+    k = m.target(x)
+    torch.manual_seed(3)
+    perm = torch.randperm(8)
+    shuffled = torch.cat([MomentumSiamese.target(m, x[perm[:4]]), MomentumSiamese.target(m, x[perm[4:]])])
+    assert torch.allclose(k, shuffled[torch.argsort(perm)]) and not torch.allclose(k, plain_k, atol=1e-3)
+    m.eval()  # running statistics: the groups change nothing, so every key is back at its own image
+    assert torch.allclose(m.target(x), MomentumSiamese.target(m, x), atol=1e-5)
+    with pytest.raises(UserError, match="moco.shuffle_bn=8: each BatchNorm group needs 2 images"):
+        build_method(config("moco", moco={**HEADS["moco"], "version": 2, "shuffle_bn": 8}))
 
 
 def test_distill_from_a_dinov2_run_keeps_the_student_ema(tmp_path):

@@ -1,6 +1,8 @@
 """MoCo: momentum contrast. v3 by default (Chen, Xie & He, 2021), v2's queue as an option (Chen et al., 2020)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,11 +17,19 @@ from .contrastive import info_nce, info_nce_queue
 from .siamese import MomentumSiamese
 
 
+def in_groups(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: int) -> torch.Tensor:
+    """`encode` applied to `groups` consecutive parts of the batch, so BatchNorm sees one part at a time (one of
+    MoCo's GPUs each)."""
+    if groups <= 1:
+        return encode(x)
+    return torch.cat([encode(part) for part in x.chunk(groups)])
+
+
 class MoCo(MomentumSiamese):
     """v3 (Alg. 1): q = predictor(projector(f_q(x))), k = projector(f_k(x)) with f_k a momentum encoder;
     loss ctr(q1, k2) + ctr(q2, k1) with the global batch's keys as negatives.
     v2: no predictor, a 2-layer MLP projector without BN, one query view against its key and a queue of K
-    negative keys, momentum 0.999 (set teacher.momentum = teacher.momentum_end = 0.999 in the recipe)."""
+    negative keys, momentum 0.999, shuffling BN for BatchNorm backbones (recipe moco_v2_imagenet)."""
 
     name = "moco"
 
@@ -34,12 +44,28 @@ class MoCo(MomentumSiamese):
 
         predictor = ProjectionMLP(m.out_dim, m.pred_hidden_dim, m.out_dim, 2) if v3 else nn.Identity()
         super().__init__(cfg, projector, predictor)
+        # this rank's share of the groups; under DDP BatchNorm is global across ranks (distributed.sync_batchnorm)
+        self.bn_groups = max(1, m.shuffle_bn // distributed.world_size())
+        per_rank = cfg.optim.batch_size // distributed.world_size()
+        if self.bn_groups > 1 and per_rank < 2 * self.bn_groups:
+            raise UserError(f"moco.shuffle_bn={m.shuffle_bn}: each BatchNorm group needs 2 images or more, but this "
+                            f"rank's batch of {per_rank} makes {self.bn_groups} groups (lower moco.shuffle_bn)")
         if not v3:
             if m.queue_size % cfg.optim.batch_size:
                 raise UserError(f"moco.queue_size={m.queue_size} must be a multiple of optim.batch_size "
                                 f"({cfg.optim.batch_size}), so whole batches enter and leave the queue")
             self.register_buffer("queue", F.normalize(torch.randn(m.queue_size, m.out_dim), dim=1))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def online(self, x: torch.Tensor) -> torch.Tensor:
+        return in_groups(super().online, x, self.bn_groups)
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """Shuffling BN (MoCo Sec. 3.3): the keys are encoded in groups of a shuffled batch, then put back in order."""
+        if self.bn_groups <= 1:
+            return super().target(x)
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return in_groups(super().target, x[perm], self.bn_groups)[torch.argsort(perm)]
 
     def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         m = self.cfg.moco

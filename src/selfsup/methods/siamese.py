@@ -43,11 +43,18 @@ class MomentumSiamese(Method):
         """Online predictions q of the `query` views and target projections k of the `key` views; one view
         at a time, so BatchNorm statistics are per view as in the references."""
         x = batch.global_crops.chunk(2)
-        s, t = self.student, self.teacher
-        q = [s["predictor"](s["projector"](s["backbone"](x[v]))) for v in query]
+        q = [self.online(x[v]) for v in query]
         with torch.no_grad():
-            k = [t["projector"](t["backbone"](x[v])) for v in key]
+            k = [self.target(x[v]) for v in key]
         return q, k
+
+    def online(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.student
+        return s["predictor"](s["projector"](s["backbone"](x)))
+
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.teacher
+        return t["projector"](t["backbone"](x))
 
     @torch.no_grad()
     def after_step(self, progress: Progress) -> None:
