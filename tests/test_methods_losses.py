@@ -147,6 +147,8 @@ def test_sgd_is_momentum_sgd_with_the_scheduled_weight_decay_and_unknown_optimiz
     b1 = lin.bias.detach().clone()
     opt.step()
     assert torch.allclose(lin.bias.detach(), b1 - 0.5 * 0.9)  # momentum 0.9
+    apply(cfg, {"optim": {"decay_all": True}}, "test")  # MoCo v2: biases decay too
+    assert [g["wd_mult"] for g in build_optimizer({"head": lin}, cfg, torch.device("cpu")).param_groups] == [1.0]
     apply(cfg, {"optim": {"optimizer": "adam"}}, "test")
     with pytest.raises(UserError, match="optim.optimizer='adam': expected one of adamw, lars, sgd"):
         build_optimizer({"head": lin}, cfg, torch.device("cpu"))

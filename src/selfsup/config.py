@@ -181,6 +181,7 @@ class OptimConfig:
     freeze_last_layer_epochs: float = 1.0
     schedule_epochs: float | None = 100.0  # the epoch counts above are for a run this long; scaled to the run
     betas: tuple[float, float] = (0.9, 0.999)
+    decay_all: bool = False  # weight decay on biases, norms and tokens too (MoCo v2's SGD, torchvision-style)
     layerwise_decay: float = 1.0  # DINOv2: 0.9
     patch_embed_lr_mult: float = 1.0  # DINOv2: 0.2
 

@@ -1,4 +1,5 @@
-"""Optimiser parameter groups: no weight decay on biases, norms, LayerScale and tokens; layer-wise lr decay
+"""Optimiser parameter groups: no weight decay on biases, norms, LayerScale and tokens (unless
+`optim.decay_all`, as MoCo v2); layer-wise lr decay
 (DINOv2: multiplier decay^(L + 1 - layer_id), x0.2 more for the patch embedding)."""
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def param_groups(modules: dict[str, nn.Module], cfg: Config) -> list[dict]:
                 lr_mult = o.layerwise_decay ** (n_layers + 1 - layer_id(full, n_layers))
             if "patch_embed" in full:
                 lr_mult *= o.patch_embed_lr_mult
-            key = (0.0 if no_weight_decay(full, p) else 1.0, lr_mult)
+            key = (0.0 if not o.decay_all and no_weight_decay(full, p) else 1.0, lr_mult)
             groups.setdefault(key, []).append(p)
     return [{"params": ps, "wd_mult": wd, "lr_mult": lr, "weight_decay": 0.0} for (wd, lr), ps in groups.items()]
 
