@@ -99,15 +99,14 @@ def test_shuffling_bn_encodes_queries_in_groups_and_keys_in_groups_of_a_shuffled
     q = m.online(x)
     assert torch.allclose(q, torch.cat([MomentumSiamese.online(m, x[:4]), MomentumSiamese.online(m, x[4:])]))
     assert not torch.allclose(q, plain_q, atol=1e-3)  # BatchNorm statistics of each half, not of the batch
-    torch.manual_seed(3)
     k = m.target(x)
-    torch.manual_seed(3)
-    perm = torch.randperm(8)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(cfg.train.seed * 1_000_003))  # the first draw
+    assert int(m.shuffles) == 1 and not torch.equal(perm, torch.arange(8))
     shuffled = torch.cat([MomentumSiamese.target(m, x[perm[:4]]), MomentumSiamese.target(m, x[perm[4:]])])
     assert torch.allclose(k, shuffled[torch.argsort(perm)]) and not torch.allclose(k, plain_k, atol=1e-3)
     m.eval()  # running statistics: the groups change nothing, so every key is back at its own image
     assert torch.allclose(m.target(x), MomentumSiamese.target(m, x), atol=1e-5)
-    with pytest.raises(UserError, match="moco.shuffle_bn=8: each BatchNorm group needs 2 images"):
+    with pytest.raises(UserError, match="moco.shuffle_bn=8: expected a multiple of the 1 ranks with 2 images"):
         build_method(config("moco", moco={**HEADS["moco"], "version": 2, "shuffle_bn": 8}))
 
 

@@ -116,8 +116,8 @@ class MocoConfig:
     pred_hidden_dim: int = 4096  # v3 predictor: 2 layers 4096-256
     queue_size: int = 65536  # v2: K keys in the dictionary
     # shuffling BN (MoCo Sec. 3.3) for BatchNorm backbones: BatchNorm statistics over this many groups of the
-    # global batch (MoCo's GPUs; split among the ranks), the keys' groups drawn from a shuffled batch, so a
-    # query and its key do not share statistics; 0: off
+    # global batch (MoCo's GPUs; split among the ranks, a multiple of their number), the keys' groups drawn from
+    # the shuffled global batch, so a query and its key do not share statistics; 0: off
     shuffle_bn: int = 0
 
 

@@ -44,12 +44,17 @@ class MoCo(MomentumSiamese):
 
         predictor = ProjectionMLP(m.out_dim, m.pred_hidden_dim, m.out_dim, 2) if v3 else nn.Identity()
         super().__init__(cfg, projector, predictor)
-        # this rank's share of the groups; under DDP BatchNorm is global across ranks (distributed.sync_batchnorm)
-        self.bn_groups = max(1, m.shuffle_bn // distributed.world_size())
-        per_rank = cfg.optim.batch_size // distributed.world_size()
-        if self.bn_groups > 1 and per_rank < 2 * self.bn_groups:
-            raise UserError(f"moco.shuffle_bn={m.shuffle_bn}: each BatchNorm group needs 2 images or more, but this "
-                            f"rank's batch of {per_rank} makes {self.bn_groups} groups (lower moco.shuffle_bn)")
+        # shuffling BN: this rank's share of the groups, each with its own BatchNorm statistics (local_batchnorm:
+        # not synchronised across ranks, as on MoCo's GPUs); the keys' permutation is drawn from a generator every
+        # rank seeds alike, so ranks agree and any number of ranks trains as one process
+        world, per_rank = distributed.world_size(), cfg.optim.batch_size // distributed.world_size()
+        self.bn_groups = max(1, m.shuffle_bn // world)
+        self.local_batchnorm = m.shuffle_bn > 1
+        if self.local_batchnorm and (m.shuffle_bn % world or per_rank < 2 * self.bn_groups):
+            raise UserError(f"moco.shuffle_bn={m.shuffle_bn}: expected a multiple of the {world} ranks with 2 images "
+                            f"or more in each group of a rank's {per_rank} (lower moco.shuffle_bn)")
+        if self.local_batchnorm:
+            self.register_buffer("shuffles", torch.zeros((), dtype=torch.long))  # permutations drawn so far
         if not v3:
             if m.queue_size % cfg.optim.batch_size:
                 raise UserError(f"moco.queue_size={m.queue_size} must be a multiple of optim.batch_size "
@@ -61,11 +66,17 @@ class MoCo(MomentumSiamese):
         return in_groups(super().online, x, self.bn_groups)
 
     def target(self, x: torch.Tensor) -> torch.Tensor:
-        """Shuffling BN (MoCo Sec. 3.3): the keys are encoded in groups of a shuffled batch, then put back in order."""
-        if self.bn_groups <= 1:
+        """Shuffling BN (MoCo Sec. 3.3): the keys are encoded in groups of the shuffled global batch (gathered from
+        every rank, each rank encoding its share), then put back in order."""
+        if not self.local_batchnorm:
             return super().target(x)
-        perm = torch.randperm(x.shape[0], device=x.device)
-        return in_groups(super().target, x[perm], self.bn_groups)[torch.argsort(perm)]
+        generator = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + int(self.shuffles))
+        self.shuffles += 1
+        x_all = distributed.all_gather(x)
+        perm = torch.randperm(x_all.shape[0], generator=generator).to(x.device)
+        mine = slice(distributed.rank() * x.shape[0], (distributed.rank() + 1) * x.shape[0])
+        k = in_groups(super().target, x_all[perm[mine]], self.bn_groups)
+        return distributed.all_gather(k)[torch.argsort(perm)][mine]
 
     def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         m = self.cfg.moco

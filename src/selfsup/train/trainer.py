@@ -90,7 +90,10 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.source = training_source(cfg.data.source)
         torch.manual_seed(cfg.train.seed)
-        self.method = distributed.sync_batchnorm(build_method(cfg), self.device).to(self.device)
+        method = build_method(cfg)
+        if not getattr(method, "local_batchnorm", False):  # MoCo's shuffling BN keeps BatchNorm per rank
+            method = distributed.sync_batchnorm(method, self.device)
+        self.method = method.to(self.device)
         set_attention_backend(self.method, cfg.train.attention, self.device)  # training and evaluation
         self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
         self.batches = make_batches(self.source, self.multicrop, cfg.optim.batch_size, self.rank, self.world,
