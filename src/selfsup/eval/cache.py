@@ -149,11 +149,12 @@ def stored_key(path: Path) -> dict | None:
 
 def prune(folder: Path, keep: Path, key: dict) -> None:
     """Delete the entries `keep` supersedes and those of checkpoint files that are gone."""
+    superseded = slot(key)
     for f in folder.glob("*.safetensors"):
         other = stored_key(f) if f != keep else None
         if other is None:
             continue
         gone = "path" in other["checkpoint"] and not Path(other["checkpoint"]["path"]).exists()
-        if gone or slot(other) == slot(key):
+        if gone or slot(other) == superseded:
             f.unlink(missing_ok=True)
             log.info("stale features removed: %s", f)

@@ -72,6 +72,7 @@ class Method(nn.Module):
     """
 
     name: str = ""
+    local_batchnorm: bool = False  # True: BatchNorm stays per rank under torchrun (MoCo's shuffling BN)
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -91,7 +91,7 @@ class Trainer:
         self.source = training_source(cfg.data.source)
         torch.manual_seed(cfg.train.seed)
         method = build_method(cfg)
-        if not getattr(method, "local_batchnorm", False):  # MoCo's shuffling BN keeps BatchNorm per rank
+        if not method.local_batchnorm:
             method = distributed.sync_batchnorm(method, self.device)
         self.method = method.to(self.device)
         set_attention_backend(self.method, cfg.train.attention, self.device)  # training and evaluation
