@@ -27,7 +27,7 @@ def broken_only(p):
     (["train", "optim.lrr=0.1"], None, "unknown config key 'optim.lrr'"),
     (["train", "optim.batch_size=many"], None, "bad value for 'optim.batch_size'"),
     (["train", "--config", "nope"], None, "config 'nope' not found"),
-    (["train", "--method", "nope"], None, "unknown method 'nope'"),
+    (["train", "--method", "nope"], None, "bad value for 'method': 'nope' (expected one of: simclr,"),
     (["eval", "knn", "--checkpoint", "{path}"], None, "no such file or directory"),
     (["eval", "knn", "--checkpoint", "{path}"], broken_only, "a folder without backbone.safetensors or checkpoint-*.pt"),
 ])

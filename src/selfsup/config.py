@@ -1,16 +1,20 @@
 """Typed configuration: dataclass defaults (the papers'), YAML recipes on top, then dotted overrides `a.b=c`.
 
 Every key is checked: an unknown key or a value of the wrong type is a `UserError` naming the key and what
-was expected. The resolved config is saved with every run, so a run folder says exactly what it did.
+was expected, and `validate` holds the resolved config to each key's rules (choices, ranges, other keys), declared
+beside its default with `checked`. The resolved config is saved with every run, so a run folder says exactly what
+it did.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -18,201 +22,351 @@ from .errors import UserError
 
 RECIPES = Path(__file__).parent / "configs"
 
+# the choices of keys whose values other modules implement (tests/test_config_checks.py holds them to the same)
+METHOD_NAMES = ("simclr", "moco", "byol", "dino", "ibot", "dinov2", "distill")  # selfsup.methods.METHODS
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")  # selfsup.nn.vit.VIT_SIZES
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # selfsup.nn.resnet.RESNETS
+
+
+class Rule:
+    """What a key accepts beyond its type. This base rule accepts every value of the type."""
+
+    def expected(self, value: Any, cfg: Config) -> str | None:
+        """None for a good value, else what was expected (the end of the error message)."""
+        return None
+
+
+ANY = Rule()
+
+
+@dataclass(frozen=True)
+class OneOf(Rule):
+    choices: tuple
+
+    def expected(self, value: Any, cfg: Config) -> str | None:
+        return None if value in self.choices else "one of: " + ", ".join(map(str, self.choices))
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Range(Rule):
+    """lo <= value <= hi, or < at an open end; a tuple: each of its numbers, and when `ordered`, first <= second."""
+
+    lo: float
+    hi: float | None = None
+    open_lo: bool = False
+    open_hi: bool = False
+    ordered: bool = False
+
+    def holds(self, x: float) -> bool:
+        above = x > self.lo or (x == self.lo and not self.open_lo)
+        below = self.hi is None or x < self.hi or (x == self.hi and not self.open_hi)
+        return math.isfinite(x) and above and below
+
+    def expected(self, value: Any, cfg: Config) -> str | None:
+        xs = value if isinstance(value, tuple) else (value,)
+        if all(map(self.holds, xs)) and not (self.ordered and xs[0] > xs[-1]):
+            return None
+        if isinstance(value, tuple):
+            noun = f"{len(value)} numbers"
+        else:
+            noun = "an integer" if isinstance(value, int) else "a number"
+        return f"{noun} {self.bounds()}" + (", the first <= the second" if self.ordered else "")
+
+    def bounds(self) -> str:
+        """'>= 1', '> 0', 'in (0, 1]'."""
+        if self.hi is None:
+            return f"{'>' if self.open_lo else '>='} {_number(self.lo)}"
+        left, right = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
+        return f"in {left}{_number(self.lo)}, {_number(self.hi)}{right}"
+
+
+@dataclass(frozen=True)
+class Pattern(Rule):
+    regex: str
+    description: str
+
+    def expected(self, value: Any, cfg: Config) -> str | None:
+        return None if re.fullmatch(self.regex, value) else self.description
+
+
+@dataclass(frozen=True)
+class Needs(Rule):
+    """A check against other keys: `ok(value, cfg)`, else `says(cfg)`."""
+
+    ok: Callable[[Any, Config], bool]
+    says: Callable[[Config], str]
+
+    def expected(self, value: Any, cfg: Config) -> str | None:
+        return None if self.ok(value, cfg) else self.says(cfg)
+
+
+DURATION = "a positive duration like 90s, 10m, 2h or 1h30m"
+_DURATION_PART = r"(\d+(?:\.\d+)?)([dhms])"
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def _seconds(text: str) -> float | None:
+    """'1h30m' -> 5400.0; None unless it is a sum of number-unit parts, more than 0 in all."""
+    if not re.fullmatch(f"(?:{_DURATION_PART})+", text.strip()):
+        return None
+    total = sum(float(n) * _SECONDS[unit] for n, unit in re.findall(_DURATION_PART, text))
+    return total if total > 0 else None
+
+
+class Duration(Rule):
+    def expected(self, value: Any, cfg: Config) -> str | None:
+        return None if _seconds(value) else DURATION
+
+
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, open_lo=True)
+AT_LEAST_1 = Range(1)  # counts, sizes, widths
+UNIT = Range(0, 1)  # probabilities, momenta
+BELOW_1 = Range(0, 1, open_hi=True)  # drop path, Adam's betas
+FRACTION = Range(0, 1, open_lo=True)
+NON_EMPTY = Pattern(r"(?s).*\S.*", "a non-empty string")
+# a ViT cuts an image into backbone.patch_size patches: a smaller one has none
+COVERS_PATCH = Needs(lambda v, c: c.backbone.arch not in VIT_ARCHS or v >= c.backbone.patch_size,
+                     lambda c: f"at least backbone.patch_size = {c.backbone.patch_size}")
+# DINO's loss pairs each global view with every other view (simclr, moco and byol check n_global = 2 themselves)
+TWO_VIEWS = Needs(lambda v, c: c.crops.n_global + v >= 2,
+                  lambda c: f"at least {2 - c.crops.n_global} with crops.n_global = {c.crops.n_global}, for 2 views")
+
+
+def checked(default: Any, rule: Rule, *more: Rule) -> Any:
+    """A config field with its default and the rules its value must pass (ANY when every value of its type does)."""
+    return field(default=default, metadata={"rules": (rule, *more)})
+
 
 @dataclass
 class DataConfig:
-    source: str = "mnist5k"  # mnist5k | digits | skimage | a folder of images | webdataset shards 'x/{000..009}.tar'
-    num_workers: int = 1  # loader processes; 0 decodes and crops in the training process
-    eval_source: str | None = None  # labelled data for periodic/final k-NN; default: the training source
+    # mnist5k | digits | skimage | a folder of images | webdataset shards 'x/{000..009}.tar'
+    source: str = checked("mnist5k", NON_EMPTY)
+    num_workers: int = checked(1, NON_NEGATIVE)  # loader processes; 0 decodes and crops in the training process
+    # labelled data for periodic/final k-NN; default: the training source
+    eval_source: str | None = checked(None, NON_EMPTY)
 
 
 @dataclass
 class CropsConfig:
     """DINO multi-crop (DINO Sec. 3.1) with BYOL's augmentations (BYOL Table 6)."""
 
-    global_size: int = 224
-    local_size: int = 96
-    n_global: int = 2
-    n_local: int = 8  # DINO: 8 local crops of 96 px
-    global_scale: tuple[float, float] = (0.4, 1.0)  # DINO main_dino.py default
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio, sampled log-uniformly (BYOL)
-    flip: float = 0.5
-    color_jitter: float = 0.8  # probability of applying it
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale: float = 0.2
-    blur: tuple[float, float, float] = (1.0, 0.1, 0.5)  # probability on global crop 1, global crop 2, locals
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # in pixels of the crop (BYOL, DINO)
-    solarize: tuple[float, float, float] = (0.0, 0.2, 0.0)  # probability on global 1, global 2, locals
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet statistics
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    global_size: int = checked(224, AT_LEAST_1, COVERS_PATCH)
+    local_size: int = checked(96, AT_LEAST_1, COVERS_PATCH)
+    n_global: int = checked(2, AT_LEAST_1)
+    n_local: int = checked(8, NON_NEGATIVE, TWO_VIEWS)  # DINO: 8 local crops of 96 px
+    # DINO main_dino.py default
+    global_scale: tuple[float, float] = checked((0.4, 1.0), Range(0, 1, open_lo=True, ordered=True))
+    local_scale: tuple[float, float] = checked((0.05, 0.4), Range(0, 1, open_lo=True, ordered=True))
+    # aspect ratio, sampled log-uniformly (BYOL)
+    ratio: tuple[float, float] = checked((3 / 4, 4 / 3), Range(0, open_lo=True, ordered=True))
+    flip: float = checked(0.5, UNIT)
+    color_jitter: float = checked(0.8, UNIT)  # probability of applying it
+    brightness: float = checked(0.4, UNIT)  # factors in [1 - x, 1 + x]
+    contrast: float = checked(0.4, UNIT)
+    saturation: float = checked(0.2, UNIT)
+    hue: float = checked(0.1, Range(0, 0.5))  # a shift in [-x, x] of a turn
+    grayscale: float = checked(0.2, UNIT)
+    # probability on global crop 1, global crop 2, locals
+    blur: tuple[float, float, float] = checked((1.0, 0.1, 0.5), UNIT)
+    # in pixels of the crop (BYOL, DINO)
+    blur_sigma: tuple[float, float] = checked((0.1, 2.0), Range(0, open_lo=True, ordered=True))
+    # probability on global 1, global 2, locals
+    solarize: tuple[float, float, float] = checked((0.0, 0.2, 0.0), UNIT)
+    mean: tuple[float, float, float] = checked((0.485, 0.456, 0.406), UNIT)  # ImageNet statistics
+    std: tuple[float, float, float] = checked((0.229, 0.224, 0.225), POSITIVE)
 
 
 @dataclass
 class BackboneConfig:
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2 | resnet18/34/50/101
-    patch_size: int = 16
-    depth: int | None = None  # override the arch's number of blocks (small CPU recipes)
-    img_size: int = 224  # the position embedding is built for this size and interpolated to others
-    drop_path: float = 0.1  # stochastic depth rate of the student (DINO: 0.1)
-    drop_path_uniform: bool = False  # DINOv2: the same rate in every block; DINO: linear over depth
-    layerscale: float | None = None  # DINOv2: 1e-5
-    ffn: str = "mlp"  # mlp | swiglu
-    n_registers: int = 0  # DINOv2 "Vision Transformers Need Registers"
-    qkv_bias: bool = True
+    # vit_tiny | vit_small | vit_base | vit_large | vit_giant2 | resnet18/34/50/101
+    arch: str = checked("vit_small", OneOf(VIT_ARCHS + RESNET_ARCHS))
+    patch_size: int = checked(16, AT_LEAST_1)
+    depth: int | None = checked(None, AT_LEAST_1)  # override the arch's number of blocks (small CPU recipes)
+    # the position embedding is built for this size and interpolated to others
+    img_size: int = checked(224, AT_LEAST_1, COVERS_PATCH)
+    drop_path: float = checked(0.1, BELOW_1)  # stochastic depth rate of the student (DINO: 0.1)
+    drop_path_uniform: bool = checked(False, ANY)  # DINOv2: the same rate in every block; DINO: linear over depth
+    layerscale: float | None = checked(None, POSITIVE)  # DINOv2: 1e-5
+    ffn: str = checked("mlp", OneOf(("mlp", "swiglu")))
+    n_registers: int = checked(0, NON_NEGATIVE)  # DINOv2 "Vision Transformers Need Registers"
+    qkv_bias: bool = checked(True, ANY)
     # position-embedding resize: bicubic by a factor (n + offset) / M (DINO, DINOv2), or with offset 0 to the
     # size, antialiased (DINOv2's register models)
-    interpolate_antialias: bool = False
-    interpolate_offset: float = 0.1
-    cifar_stem: bool = False  # ResNet: 3x3 stride-1 first conv and no max-pool, for small images (SimCLR B.9)
+    interpolate_antialias: bool = checked(False, ANY)
+    interpolate_offset: float = checked(0.1, NON_NEGATIVE)
+    # ResNet: 3x3 stride-1 first conv and no max-pool, for small images (SimCLR B.9)
+    cifar_stem: bool = checked(False, ANY)
 
 
 @dataclass
 class DinoConfig:
     """DINO head and loss (DINO Sec. 3.1, Appendix; main_dino.py defaults)."""
 
-    out_dim: int = 65536  # K prototypes
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    n_layers: int = 3
-    norm_last_layer: bool = True  # freeze the weight-norm magnitude g at 1
-    use_bn: bool = False  # BatchNorm in the head's MLP (main_dino.py use_bn_in_head; the teacher's uses batch statistics)
-    student_temp: float = 0.1  # tau_s
-    center_momentum: float = 0.9  # m in c <- m c + (1 - m) mean(g_t)
-    loss_weight: float = 1.0
+    out_dim: int = checked(65536, AT_LEAST_1)  # K prototypes
+    hidden_dim: int = checked(2048, AT_LEAST_1)
+    bottleneck_dim: int = checked(256, AT_LEAST_1)
+    n_layers: int = checked(3, AT_LEAST_1)
+    norm_last_layer: bool = checked(True, ANY)  # freeze the weight-norm magnitude g at 1
+    # BatchNorm in the head's MLP (main_dino.py use_bn_in_head; the teacher's uses batch statistics)
+    use_bn: bool = checked(False, ANY)
+    student_temp: float = checked(0.1, POSITIVE)  # tau_s
+    center_momentum: float = checked(0.9, UNIT)  # m in c <- m c + (1 - m) mean(g_t)
+    loss_weight: float = checked(1.0, NON_NEGATIVE)
 
 
 @dataclass
 class TeacherConfig:
-    momentum: float = 0.996  # lambda, cosine schedule to momentum_end (DINO Sec. 3.1)
-    momentum_end: float = 1.0
-    temp: float = 0.07  # tau_t after the warm-up
-    warmup_temp: float = 0.04
-    warmup_temp_epochs: float = 30.0
+    momentum: float = checked(0.996, UNIT)  # lambda, cosine schedule to momentum_end (DINO Sec. 3.1)
+    momentum_end: float = checked(1.0, UNIT)
+    temp: float = checked(0.07, POSITIVE)  # tau_t after the warm-up
+    warmup_temp: float = checked(0.04, POSITIVE)
+    warmup_temp_epochs: float = checked(30.0, NON_NEGATIVE)
 
 
 @dataclass
 class SimCLRConfig:
     """SimCLR projection head g(.) and NT-Xent (SimCLR Sec. 2.1, Alg. 1; Appendix B.9)."""
 
-    hidden_dim: int = 2048
-    out_dim: int = 128
-    n_layers: int = 2  # SimCLR v1: 2 (Linear-BN-ReLU-Linear-BN); SimCLR v2: 3
-    temperature: float = 0.1  # tau: 0.1 at batch 4096 (Table 5); 0.5 suits small batches
+    hidden_dim: int = checked(2048, AT_LEAST_1)
+    out_dim: int = checked(128, AT_LEAST_1)
+    n_layers: int = checked(2, AT_LEAST_1)  # SimCLR v1: 2 (Linear-BN-ReLU-Linear-BN); SimCLR v2: 3
+    temperature: float = checked(0.1, POSITIVE)  # tau: 0.1 at batch 4096 (Table 5); 0.5 suits small batches
 
 
 @dataclass
 class MocoConfig:
     """MoCo v3 (Chen et al., 2021, Alg. 1) by default; version 2 is MoCo v2's queue (He et al. 2020 Sec. 3.2)."""
 
-    version: int = 3  # 3: in-batch negatives, predictor, symmetric loss | 2: queue of negatives, no predictor
-    temperature: float = 0.2  # tau (MoCo v3 ViT: 0.2; MoCo v2: 0.2)
-    hidden_dim: int = 4096  # projector (v3: 3 layers 4096-4096-256; v2: 2 layers 2048-128, no BN)
-    out_dim: int = 256
-    n_layers: int = 3
-    pred_hidden_dim: int = 4096  # v3 predictor: 2 layers 4096-256
-    queue_size: int = 65536  # v2: K keys in the dictionary
+    # 3: in-batch negatives, predictor, symmetric loss | 2: queue of negatives, no predictor
+    version: int = checked(3, OneOf((2, 3)))
+    temperature: float = checked(0.2, POSITIVE)  # tau (MoCo v3 ViT: 0.2; MoCo v2: 0.2)
+    # projector (v3: 3 layers 4096-4096-256; v2: 2 layers 2048-128, no BN)
+    hidden_dim: int = checked(4096, AT_LEAST_1)
+    out_dim: int = checked(256, AT_LEAST_1)
+    n_layers: int = checked(3, AT_LEAST_1)
+    pred_hidden_dim: int = checked(4096, AT_LEAST_1)  # v3 predictor: 2 layers 4096-256
+    queue_size: int = checked(65536, AT_LEAST_1)  # v2: K keys in the dictionary
     # shuffling BN (MoCo Sec. 3.3) for BatchNorm backbones: BatchNorm statistics over this many groups of the
     # global batch (MoCo's GPUs; split among the ranks, a multiple of their number), the keys' groups drawn from
     # the shuffled global batch, so a query and its key do not share statistics; 0: off
-    shuffle_bn: int = 0
+    shuffle_bn: int = checked(0, NON_NEGATIVE)
 
 
 @dataclass
 class BYOLConfig:
     """BYOL projector and predictor: Linear(4096)-BN-ReLU-Linear(256) each (BYOL Sec. 3.3)."""
 
-    hidden_dim: int = 4096
-    out_dim: int = 256
-    predictor: bool = True  # False: the ablation that collapses (BYOL Sec. 5, Table 5b)
+    hidden_dim: int = checked(4096, AT_LEAST_1)
+    out_dim: int = checked(256, AT_LEAST_1)
+    predictor: bool = checked(True, ANY)  # False: the ablation that collapses (BYOL Sec. 5, Table 5b)
 
 
 @dataclass
 class IBOTConfig:
     """iBOT masked image modelling (Zhou et al. 2022 Sec. 3.2); DINOv2's names (ssl_default_config.yaml)."""
 
-    loss_weight: float = 1.0  # L = L_[CLS] + loss_weight x L_MIM
-    mask_sample_probability: float = 0.5  # share of global crops that are masked (iBOT: pred_ratio [0, 0.3])
-    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)  # masked share of a crop ~ U(0.1, 0.5) (iBOT 0.3 +- 0.2)
-    mask_min_aspect: float = 0.3  # BEiT blocks: aspect ratio in [0.3, 1 / 0.3]
-    separate_head: bool = False  # iBOT: one head for [CLS] and patches; DINOv2: untied heads
-    head_n_prototypes: int = 8192  # used with separate_head; a shared head uses dino.out_dim
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_n_layers: int = 3
-    teacher_temp: float = 0.07  # the patch tokens' own tau_t (iBOT teacher_patch_temp), warmed up like teacher.temp
-    warmup_teacher_temp: float = 0.04
-    center_momentum: float = 0.9  # the patch tokens' own centre
+    loss_weight: float = checked(1.0, NON_NEGATIVE)  # L = L_[CLS] + loss_weight x L_MIM
+    # share of global crops that are masked (iBOT: pred_ratio [0, 0.3])
+    mask_sample_probability: float = checked(0.5, UNIT)
+    # masked share of a crop ~ U(0.1, 0.5) (iBOT 0.3 +- 0.2)
+    mask_ratio_min_max: tuple[float, float] = checked((0.1, 0.5), Range(0, 1, ordered=True))
+    mask_min_aspect: float = checked(0.3, FRACTION)  # BEiT blocks: aspect ratio in [0.3, 1 / 0.3]
+    separate_head: bool = checked(False, ANY)  # iBOT: one head for [CLS] and patches; DINOv2: untied heads
+    head_n_prototypes: int = checked(8192, AT_LEAST_1)  # used with separate_head; a shared head uses dino.out_dim
+    head_hidden_dim: int = checked(2048, AT_LEAST_1)
+    head_bottleneck_dim: int = checked(256, AT_LEAST_1)
+    head_n_layers: int = checked(3, AT_LEAST_1)
+    # the patch tokens' own tau_t (iBOT teacher_patch_temp), warmed up like teacher.temp
+    teacher_temp: float = checked(0.07, POSITIVE)
+    warmup_teacher_temp: float = checked(0.04, POSITIVE)
+    center_momentum: float = checked(0.9, UNIT)  # the patch tokens' own centre
 
 
 @dataclass
 class DINOv2Config:
     """What DINOv2 adds to iBOT (Oquab et al. 2023 Sec. 4)."""
 
-    centering: str = "sinkhorn_knopp"  # sinkhorn_knopp (SwAV-style, DINOv2) | centering (DINO's centre)
-    sinkhorn_iterations: int = 3
-    koleo_loss_weight: float = 0.1  # KoLeo regulariser on the student's global-crop [CLS] (Sec. 4)
+    # sinkhorn_knopp (SwAV-style, DINOv2) | centering (DINO's centre)
+    centering: str = checked("sinkhorn_knopp", OneOf(("sinkhorn_knopp", "centering")))
+    sinkhorn_iterations: int = checked(3, AT_LEAST_1)
+    # KoLeo regulariser on the student's global-crop [CLS] (Sec. 4)
+    koleo_loss_weight: float = checked(0.1, NON_NEGATIVE)
 
 
 @dataclass
 class DistillConfig:
     """Distillation into a smaller student (DINOv2 Sec. 5): a frozen teacher, a spare EMA of the student."""
 
-    teacher: str | None = None  # a selfsup run folder or checkpoint of dino / ibot / dinov2 (with its heads)
+    # a selfsup run folder or checkpoint of dino / ibot / dinov2 (with its heads)
+    teacher: str | None = checked(None, NON_EMPTY)
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adamw | lars (SimCLR, BYOL) | sgd (momentum 0.9; MoCo v2)
-    epochs: float = 100.0
-    steps: int | None = None  # a fixed number of steps instead of epochs
-    batch_size: int = 64  # global batch (all ranks together)
-    lr: float = 5e-4  # base lr, scaled by lr_scaling (DINO: 0.0005 x B / 256)
-    lr_scaling: str = "linear"  # linear (DINO) | sqrt (DINOv2, base batch 1024) | none
-    lr_base_batch: int = 256
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10.0
-    weight_decay: float = 0.04  # cosine to weight_decay_end (DINO)
-    weight_decay_end: float = 0.4
-    clip_grad: float = 3.0  # global norm; 0 disables
-    freeze_last_layer_epochs: float = 1.0
-    schedule_epochs: float | None = 100.0  # the epoch counts above are for a run this long; scaled to the run
-    betas: tuple[float, float] = (0.9, 0.999)
-    decay_all: bool = False  # weight decay on biases, norms and tokens too (MoCo v2's SGD, torchvision-style)
-    layerwise_decay: float = 1.0  # DINOv2: 0.9
-    patch_embed_lr_mult: float = 1.0  # DINOv2: 0.2
+    # adamw | lars (SimCLR, BYOL) | sgd (momentum 0.9; MoCo v2)
+    optimizer: str = checked("adamw", OneOf(("adamw", "lars", "sgd")))
+    epochs: float = checked(100.0, POSITIVE)
+    steps: int | None = checked(None, AT_LEAST_1)  # a fixed number of steps instead of epochs
+    batch_size: int = checked(64, AT_LEAST_1)  # global batch (all ranks together)
+    lr: float = checked(5e-4, NON_NEGATIVE)  # base lr, scaled by lr_scaling (DINO: 0.0005 x B / 256)
+    # linear (DINO) | sqrt (DINOv2, base batch 1024) | none
+    lr_scaling: str = checked("linear", OneOf(("linear", "sqrt", "none")))
+    lr_base_batch: int = checked(256, AT_LEAST_1)
+    min_lr: float = checked(1e-6, NON_NEGATIVE)
+    warmup_epochs: float = checked(10.0, NON_NEGATIVE)
+    weight_decay: float = checked(0.04, NON_NEGATIVE)  # cosine to weight_decay_end (DINO)
+    weight_decay_end: float = checked(0.4, NON_NEGATIVE)
+    clip_grad: float = checked(3.0, NON_NEGATIVE)  # global norm; 0 disables
+    freeze_last_layer_epochs: float = checked(1.0, NON_NEGATIVE)
+    # the epoch counts above are for a run this long; scaled to the run
+    schedule_epochs: float | None = checked(100.0, POSITIVE)
+    betas: tuple[float, float] = checked((0.9, 0.999), BELOW_1)
+    # weight decay on biases, norms and tokens too (MoCo v2's SGD, torchvision-style)
+    decay_all: bool = checked(False, ANY)
+    layerwise_decay: float = checked(1.0, FRACTION)  # DINOv2: 0.9
+    patch_embed_lr_mult: float = checked(1.0, NON_NEGATIVE)  # DINOv2: 0.2
 
 
 @dataclass
 class TrainConfig:
-    out: str | None = None  # run folder; default runs/<method>-<arch>-<data>
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    compile: bool = False
-    attention: str = "auto"  # auto | flash | math | efficient: the scaled_dot_product_attention backend
-    log_every: int = 10
-    checkpoint_every: int = 0  # steps; 0: at each epoch end
-    keep_last: int = 2
-    threads: int | None = None  # torch CPU threads; default: what torch chooses
-    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
-    distributed: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per transformer block) under torchrun
+    out: str | None = checked(None, NON_EMPTY)  # run folder; default runs/<method>-<arch>-<data>
+    device: str = checked("auto", Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"))  # auto: cuda if any
+    seed: int = checked(0, Range(0, 2**32 - 1))
+    precision: str = checked("fp32", OneOf(("fp32", "bf16")))  # bf16: autocast
+    compile: bool = checked(False, ANY)
+    # auto | flash | math | efficient: the scaled_dot_product_attention backend
+    attention: str = checked("auto", OneOf(("auto", "flash", "math", "efficient")))
+    log_every: int = checked(10, AT_LEAST_1)
+    checkpoint_every: int = checked(0, NON_NEGATIVE)  # steps; 0: at each epoch end
+    keep_last: int = checked(2, AT_LEAST_1)
+    threads: int | None = checked(None, AT_LEAST_1)  # torch CPU threads; default: what torch chooses
+    max_bad_steps: int = checked(10, AT_LEAST_1)  # stop after this many non-finite losses in a row
+    # ddp | fsdp (FSDP2 fully_shard per transformer block) under torchrun
+    distributed: str = checked("ddp", OneOf(("ddp", "fsdp")))
+    time: str | None = checked(None, Duration())  # a wall-clock budget for the whole command: 90s, 10m, 2h, 1h30m
+    # stop the run when the collapse watchdog fires, keeping the last good checkpoint
+    stop_on_collapse: bool = checked(False, ANY)
+    collapse_patience: int = checked(100, AT_LEAST_1)  # steps a collapse monitor must hold before the watchdog warns
+    memory_fraction: float = checked(0.7, FRACTION)  # the share of the free memory a run may use for the batch
+    memory_limit_gib: float | None = checked(None, POSITIVE)  # a cap on the process's memory, e.g. on a shared machine
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # run k-NN every N steps during training (0: only at the end)
-    k: int = 20  # DINO's weighted k-NN
-    temperature: float = 0.07
-    final: bool = True  # k-NN of the teacher backbone, raw pixels and random init at the end
+    every: int = checked(0, NON_NEGATIVE)  # run k-NN every N steps during training (0: only at the end)
+    k: int = checked(20, AT_LEAST_1)  # DINO's weighted k-NN
+    temperature: float = checked(0.07, POSITIVE)
+    final: bool = checked(True, ANY)  # k-NN of the teacher backbone, raw pixels and random init at the end
 
 
 @dataclass
 class Config:
-    method: str = "dino"
+    method: str = checked("dino", OneOf(METHOD_NAMES))
     data: DataConfig = field(default_factory=DataConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -303,6 +457,67 @@ def apply(cfg: Any, values: dict, where: str, prefix: str = "") -> None:
             apply(current, v, where, key + ".")
         else:
             setattr(cfg, k, _coerce(v, hints[k], key, where))
+
+
+
+class Leaf(typing.NamedTuple):
+    type: Any
+    rules: tuple[Rule, ...]
+
+
+def leaves(cls: type, prefix: str = "") -> dict[str, Leaf]:
+    """Every leaf key of the config dataclass `cls`, dotted, with its type and rules; a key without rules is a bug."""
+    out = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(leaves(tp, key + "."))
+        elif "rules" in f.metadata:
+            out[key] = Leaf(tp, f.metadata["rules"])
+        else:
+            raise TypeError(f"config key '{key}' has no rule: declare it with checked(default, rule)")
+    return out
+
+
+RULES = leaves(Config)
+
+
+def _value(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _show(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+def validate(cfg: Config, only: set[str] | None = None) -> None:
+    """Hold the resolved config to every key's type and rules (`only`: these keys' own rules, none across
+    keys): a UserError names the first bad value."""
+    # the types first (a config built in code skips `apply`), so that rules across keys compare numbers
+    values = {key: _coerce(_value(cfg, key), leaf.type, key, "config") for key, leaf in RULES.items()}
+    for key, leaf in RULES.items():
+        value = values[key]
+        if value is None or (only is not None and key not in only):  # None: the type allows it
+            continue
+        for rule in leaf.rules:
+            if only is not None and isinstance(rule, Needs):
+                continue
+            expected = rule.expected(value, cfg)
+            if expected:
+                null = "null or " if type(None) in typing.get_args(leaf.type) else ""
+                raise UserError(f"bad value for '{key}': {_show(value)} (expected {null}{expected})")
+
+
+def parse_duration(text: str) -> float:
+    """train.time in seconds: '90s' -> 90, '10m' -> 600, '1h30m' -> 5400, '1.5h' -> 5400, '2d' -> 172800."""
+    seconds = _seconds(text)
+    if seconds is None:
+        raise UserError(f"bad value for 'train.time': {text!r} (expected {DURATION})")
+    return seconds
 
 
 def recipe_path(name_or_path: str) -> Path:
