@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,3 +93,17 @@ def test_embed_errors(tmp_path, export, capsys):
     out = str(tmp_path / "f.safetensors")
     assert main(["embed", "--checkpoint", str(tmp_path), "--data", "digits", "--out", out]) == 2
     assert "expected a selfsup run folder" in capsys.readouterr().err
+
+
+def test_embed_decodes_with_loader_workers_and_logs_progress_when_stderr_is_not_a_terminal(tmp_path, export):
+    write_images(tmp_path / "many", {f"{i:02d}.png": (12 + i % 7, 16 + i % 5) for i in range(40)})
+    args = ["embed", "--checkpoint", str(export), "--data", str(tmp_path / "many"), "--batch-size", "8"]
+    cmd = [sys.executable, "-m", "selfsup", *args, "--workers", "2", "--out", str(tmp_path / "w.safetensors")]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"embed {tmp_path / 'many'} done: 40 img in " in done.stderr and "\r" not in done.stderr  # a line, no bar
+    assert main([*args, "--workers", "0", "--out", str(tmp_path / "m.safetensors")]) == 0
+    (workers, meta), (main_process, _) = read(tmp_path / "w.safetensors"), read(tmp_path / "m.safetensors")
+    assert meta["files"] == [f"{i:02d}.png" for i in range(40)]
+    assert torch.equal(workers["features"], main_process["features"])
+    assert main([*args, "--workers", "-1", "--out", str(tmp_path / "x.safetensors")]) == 2

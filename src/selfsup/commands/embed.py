@@ -29,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--patch-mean", action="store_true", help="also store the mean of the patch tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, help="loader processes decoding the images (default: one per usable core "
+                   "but one, at most 8; none for built-in sets and data under two batches)")
     p.set_defaults(run=run)
 
 
@@ -40,7 +42,6 @@ def file_names(source) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     from ..data.builtin import open_source
     from ..eval.features import extract
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError(f"--workers {args.workers}: expected 0 (decode in this process) or more")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: expected a file name ending in .safetensors")
@@ -57,19 +60,18 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args.data)
     backbone = loaded.backbone.to(device).eval()
 
-    with tqdm(total=len(source), unit="img", desc="embed", disable=None) as bar:
-        def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            o = backbone.forward_features(x)
-            bar.update(len(x))
-            feats = {"features": o["x_norm_clstoken"]}
-            if args.patch_mean:
-                feats["patch_mean"] = o["x_norm_patchtokens"].mean(1)
-            return feats
+    def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        o = backbone.forward_features(x)
+        feats = {"features": o["x_norm_clstoken"]}
+        if args.patch_mean:
+            feats["patch_mean"] = o["x_norm_patchtokens"].mean(1)
+        return feats
 
-        tensors, labels = extract(forward, source, loaded.image_size, device, args.batch_size, loaded.mean,
-                                  loaded.std)
-    if getattr(getattr(source, "skipped", None), "count", 0):
-        log.warning(f"{args.data}: unreadable files were replaced by the next image; their rows repeat it")
+    tensors, labels = extract(forward, source, loaded.image_size, device, args.batch_size, loaded.mean, loaded.std,
+                              desc=f"embed {args.data}", workers=args.workers)
+    if getattr(source, "replaced", 0):  # files left out up front (source.skipped) have no row to repeat
+        log.warning(f"{args.data}: {source.replaced} unreadable file(s) replaced by the next image; "
+                    "their rows repeat it")
     if source.labelled:
         tensors["labels"] = labels
     meta = {"checkpoint": str(args.checkpoint), "data": args.data, "image_size": loaded.image_size,

@@ -7,21 +7,64 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from ..data.sources import Source, TensorSource
+from ..data.sources import EncodedSource, Skipped, Source, TensorSource
 from ..data.views import eval_transform
 from ..errors import UserError
+from ..machine import usable_cores
+from ..progress import ProgressLine
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 N_LAST = 4  # DINO linear eval of ViT-S: the [CLS] of the last 4 blocks (eval_linear.py, n_last_blocks)
 KINDS = ("cls", "cls+avgpool", "last4", "last4+avgpool")  # DINOv2 linear.py: n in {1, 4} x avgpool in {no, yes}
+MAX_WORKERS = 8  # loader processes decoding for feature extraction
 
 Features = dict[str, torch.Tensor]
 
 
-def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 256):
-    """Yields (normalised images [b, 3, size, size], labels [b]) over the whole source, in order."""
+def loader_workers(source: Source, batch: int) -> int:
+    """Processes that decode for `eval_images`: one per usable core but the main process's, at most 8; none
+    for images in memory (already batched fast) or fewer than two batches."""
+    if isinstance(source, TensorSource) or len(source) < 2 * batch:
+        return 0
+    return min(MAX_WORKERS, usable_cores() - 1)
+
+
+class EvalBatches(Dataset):
+    """Batch b of an encoded source in its evaluation view, decoded and transformed where it is read (a loader
+    worker): (images, labels, news). `news` is what a worker's copy of the source newly counted as unusable (a
+    `Skipped`) or the UserError it raised, for the main process to count or raise; None in the main process."""
+
+    def __init__(self, source: Source, size: int, mean, std, batch: int):
+        self.source, self.size, self.mean, self.std, self.batch = source, size, mean, std, batch
+
+    def __len__(self) -> int:
+        return -(-len(self.source) // self.batch)
+
+    def read(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [self.source[j] for j in range(b * self.batch, min((b + 1) * self.batch, len(self.source)))]
+        x = torch.stack([eval_transform(img, self.size, self.mean, self.std) for img, _ in items])
+        return x, torch.tensor([label for _, label in items])
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor | None, torch.Tensor | None, Skipped | UserError | None]:
+        if get_worker_info() is None or not isinstance(self.source, EncodedSource):
+            return *self.read(b), None
+        skipped = self.source.skipped
+        count, named = skipped.count, len(skipped.first)
+        try:
+            x, y = self.read(b)
+        except UserError as e:  # raised again by the main process: DataLoader would wrap it in a traceback
+            return None, None, e
+        return x, y, Skipped(skipped.count - count, skipped.first[named:])
+
+
+def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 256,
+                workers: int | None = None):
+    """Yields (normalised images [b, 3, size, size], labels [b]) over the whole source, in order; files are
+    decoded by `workers` loader processes (default: `loader_workers`). Tar shards, streamed for training, are
+    read here by index like a folder (each worker opens its own file handles)."""
     if isinstance(source, TensorSource):  # same-size images: transform a whole batch at once
         m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         labels = source.labels()
@@ -32,34 +75,45 @@ def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                 x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             yield (x - m) / s, labels[i : i + batch]
         return
-    for i in range(0, len(source), batch):
-        items = [source[j] for j in range(i, min(i + batch, len(source)))]
-        yield torch.stack([eval_transform(img, size, mean, std) for img, _ in items]), torch.tensor([l for _, l in items])
+    workers = loader_workers(source, batch) if workers is None else workers
+    batches = DataLoader(EvalBatches(source, size, mean, std, batch), batch_size=None, num_workers=workers,
+                         persistent_workers=False)  # sequential: batch b is rows b * batch onwards
+    for x, y, news in batches:
+        if isinstance(news, UserError):
+            raise news
+        if news is not None and news.count:  # decode failures in a worker: counted as if read here
+            source.skipped.count += news.count
+            source.skipped.first += news.first[: 3 - len(source.skipped.first)]
+            source.replaced += news.count
+        yield x, y
 
 
 @torch.no_grad()
 def extract(forward: Callable[[torch.Tensor], torch.Tensor | Features], source: Source, size: int,
-            device: torch.device | str = "cpu", batch: int = 256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+            device: torch.device | str = "cpu", batch: int = 256, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+            desc: str = "features", workers: int | None = None):
     """Features (float32, on the CPU) and labels [N] of every image of `source`: a tensor [N, D] when `forward`
-    returns one, a dict of them when it returns a dict."""
+    returns one, a dict of them when it returns a dict. `desc` names the job in the progress lines."""
     parts, labels = [], []
-    for x, y in eval_images(source, size, mean, std, batch):
-        out = forward(x.to(device))
-        parts.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
-        labels.append(y)
+    with ProgressLine(len(source), desc) as progress:
+        for x, y in eval_images(source, size, mean, std, batch, workers):
+            out = forward(x.to(device))
+            parts.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
+            labels.append(y)
+            progress.update(len(x))
     if isinstance(parts[0], dict):
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, torch.cat(labels)
     return torch.cat(parts), torch.cat(labels)
 
 
 def backbone_features(backbone: nn.Module, source: Source, size: int, device="cpu", batch: int = 256,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD, tokens: bool = False):
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD, tokens: bool = False, desc: str = "features"):
     """Features of a backbone in eval mode: its [CLS] [N, D], or with `tokens` every kind `select` offers."""
     was_training = backbone.training
     backbone.eval()
     try:
         forward = (lambda x: token_features(backbone, x)) if tokens else backbone
-        return extract(forward, source, size, device, batch, mean, std)
+        return extract(forward, source, size, device, batch, mean, std, desc)
     finally:
         backbone.train(was_training)
 
@@ -101,6 +155,6 @@ def available(feats: Features) -> list[str]:
     return [k for k in KINDS if (not k.startswith("last") or n >= N_LAST) and (pooled or "avgpool" not in k)]
 
 
-def pixel_features(source: Source, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_features(source: Source, size: int, desc: str = "raw pixels") -> tuple[torch.Tensor, torch.Tensor]:
     """Raw pixels as features (the k-NN baseline): the normalised image, flattened."""
-    return extract(lambda x: x.flatten(1), source, size)
+    return extract(lambda x: x.flatten(1), source, size, desc=desc)

@@ -22,27 +22,32 @@ def labelled_splits(spec: str) -> tuple[Source, Source]:
     return train, test
 
 
-def knn_of(forward_features, train: Source, test: Source, k: int | list[int], temperature: float) -> dict:
-    """Top-1/top-5 of weighted k-NN for one k, or a table {k: {...}} for several, from one feature pass."""
-    xtr, ytr = forward_features(train)
-    xte, yte = forward_features(test)
+def knn_of(forward_features, train: Source, test: Source, k: int | list[int], temperature: float, desc: str) -> dict:
+    """Top-1/top-5 of weighted k-NN for one k, or a table {k: {...}} for several, from one feature pass;
+    `forward_features(source, desc)` with `desc` + ':train' or ':test' for the progress lines."""
+    xtr, ytr = forward_features(train, f"{desc}:train")
+    xte, yte = forward_features(test, f"{desc}:test")
     return knn_accuracy(xtr, ytr, xte, yte, k, temperature)
 
 
-def knn_of_backbone(backbone: nn.Module, cfg: Config, device: torch.device, k: int | None = None) -> dict | None:
+def knn_of_backbone(backbone: nn.Module, cfg: Config, device: torch.device, k: int | None = None,
+                    what: str = "k-NN features") -> dict | None:
     """k-NN of a backbone on the run's labelled data (None when the data has no labels)."""
     spec = cfg.data.eval_source or cfg.data.source
     if not open_source(spec).labelled:
         return None
     train, test = labelled_splits(spec)
     size = cfg.crops.global_size
-    forward = lambda s: backbone_features(backbone, s, size, device, mean=cfg.crops.mean, std=cfg.crops.std)  # noqa: E731
-    return knn_of(forward, train, test, k or cfg.eval.k, cfg.eval.temperature)
+
+    def forward(s: Source, desc: str):
+        return backbone_features(backbone, s, size, device, mean=cfg.crops.mean, std=cfg.crops.std, desc=desc)
+
+    return knn_of(forward, train, test, k or cfg.eval.k, cfg.eval.temperature, f"{what} {spec}")
 
 
 def final_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict | None:
     """The trained backbone's k-NN beside two baselines: the same architecture at random init, raw pixels."""
-    trained = knn_of_backbone(backbone, cfg, device)
+    trained = knn_of_backbone(backbone, cfg, device, what="k-NN features (trained)")
     if trained is None:
         return None
     torch.manual_seed(cfg.train.seed)
@@ -51,9 +56,9 @@ def final_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict 
     train, test = labelled_splits(spec)
     return {
         "trained": trained,
-        "random_init": knn_of_backbone(random_init, cfg, device),
-        "raw_pixels": knn_of(lambda s: pixel_features(s, cfg.crops.global_size), train, test, cfg.eval.k,
-                             cfg.eval.temperature),
+        "random_init": knn_of_backbone(random_init, cfg, device, what="k-NN features (random init)"),
+        "raw_pixels": knn_of(lambda s, desc: pixel_features(s, cfg.crops.global_size, desc), train, test, cfg.eval.k,
+                             cfg.eval.temperature, f"k-NN raw pixels {spec}"),
     }
 
 
@@ -73,7 +78,8 @@ def frozen_features(loaded, spec: str, device: torch.device, cache: FeatureCache
     settings = {"size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std)}
     out = {}
     for split, source in splits.items():
-        compute = lambda s=source: backbone_features(backbone, s, loaded.image_size, device, mean=loaded.mean,  # noqa: E731
-                                                     std=loaded.std, tokens=True)
+        compute = lambda s=source, split=split: backbone_features(  # noqa: E731
+            backbone, s, loaded.image_size, device, mean=loaded.mean, std=loaded.std, tokens=True,
+            desc=f"frozen features {spec}:{split}")
         out[split] = cache.get(spec, split, source, compute, **settings)
     return Frozen(*out["train"], *out["test"], list(splits["train"].classes))
