@@ -1,9 +1,11 @@
 """`selfsup bench` and the measuring code behind it (no timing assertions: the machine is shared)."""
+import html
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from tiny import ARGS
 
 from selfsup.bench import PeakMemory, time_variants
 from selfsup.cli import main
@@ -63,3 +65,56 @@ def test_peak_memory_is_per_variant():
     memory = PeakMemory(torch.device("cpu"))
     memory.reset()
     assert memory.read() < timed["big"]["peak_memory_mib"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A 2-step DINO run of tests/tiny.py: config.yaml, backbone.safetensors, metrics.jsonl."""
+    run = tmp_path_factory.mktemp("bench") / "run"
+    assert main(["train", *ARGS, "--out", str(run), "--steps", "2"]) == 0
+    return run
+
+
+def test_bench_checkpoint_times_the_runs_model_and_the_report_shows_it(tiny_run, capsys):
+    r = run_json(capsys, ["bench", "--checkpoint", str(tiny_run), "--steps", "2", "--warmup", "1", "--json"])
+    assert json.loads((tiny_run / "bench.json").read_text()) == r
+    assert not list(tiny_run.glob(".bench.json.tmp*"))
+    assert r["method"] == "dino" and r["crops"] == {"n_global": 2, "global_size": 16, "n_local": 2, "local_size": 8}
+    assert r["batch_size"] == 8 and r["device"] == "cpu" and r["weights"].endswith("backbone.safetensors")
+    assert r["machine"]["cpu_count"] >= 1
+    for mode in ("train", "infer"):
+        v = r[mode]["variants"]
+        assert set(v) == {"flash", "math"} and r[mode]["img_size"] == 16 and r[mode]["batch_size"] == 8
+        assert all(x["images_per_s"] > 0 and x["setting"]["attention"] == k for k, x in v.items())
+        assert r[mode]["ratio_flash_math"] > 0
+    assert r["train"]["method"] == "dino" and r["infer"]["method"] is None
+
+    assert main(["report", str(tiny_run), "--n", "1"]) == 0
+    page = (tiny_run / "report.html").read_text()
+    flash_math = page.split("<h2>FlashAttention on vs off</h2>")[1].split("<h2>")[0]
+    for mode, row in (("train", "training step"), ("infer", "inference")):
+        v = r[mode]["variants"]
+        cells = [row, f"{v['flash']['images_per_s']:.1f}", f"{v['math']['images_per_s']:.1f}",
+                 f"{r[mode]['ratio_flash_math']:.2f}x", f"{v['flash']['peak_memory_mib']:.0f}",
+                 f"{v['math']['peak_memory_mib']:.0f}"]
+        assert "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>" in flash_math
+    assert "batch 8" in flash_math and "crops 2 x 16 px + 2 x 8 px" in flash_math
+    assert html.escape(r["machine"]["cpu"]) in flash_math  # the machine it was measured on
+
+
+def test_bench_checkpoint_flags_keep_their_meaning(tiny_run, capsys):
+    r = run_json(capsys, ["bench", "--checkpoint", str(tiny_run), "--mode", "infer", "--attention", "math",
+                          "--batch-size", "3", "--dtype", "bf16", "--steps", "1", "--warmup", "0", "--json"])
+    assert "train" not in r and list(r["infer"]["variants"]) == ["math"] and r["batch_size"] == 3
+    assert r["dtypes"] == ["bf16"] and "ratio_flash_math" not in r["infer"]
+
+
+def test_bench_bad_checkpoint_is_one_line(tmp_path, tiny_run, capsys):
+    for bad, says in ((tmp_path / "nope", "not a run folder"), (tmp_path, "not a run folder")):
+        assert main(["bench", "--checkpoint", str(bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and str(bad) in err[0]
+    assert main(["bench", "--checkpoint", str(tiny_run), "--arch", "vit_small", "--img-size", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["selfsup: error: bench --checkpoint times the run's own model: drop --arch, --img-size (or bench "
+                   "without --checkpoint)"]

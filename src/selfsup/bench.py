@@ -8,6 +8,8 @@ over its timed steps after warm-up. Ratios between variants of one run are the f
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import os
 import platform
 import statistics
@@ -127,13 +129,14 @@ class Workload:
     device: torch.device
 
 
-def backbone_workload(cfg: Config, mode: str, device: torch.device) -> Workload:
+def backbone_workload(cfg: Config, mode: str, device: torch.device, backbone: nn.Module | None = None) -> Workload:
     """The backbone alone on random images of the global crop size: `train` is forward, backward and an AdamW
-    step on the mean square of its outputs; `infer` is the forward of the [CLS] feature in eval mode."""
+    step on the mean square of its outputs; `infer` is the forward of the [CLS] feature in eval mode.
+    `backbone` (a trained one) replaces a fresh one built from `cfg.backbone`."""
     from .nn import backbone_from_config
     from .train.optim import build_optimizer
 
-    model = backbone_from_config(cfg.backbone).to(device)
+    model = (backbone if backbone is not None else backbone_from_config(cfg.backbone)).to(device)
     size, b = cfg.crops.global_size, cfg.optim.batch_size
     x = torch.randn(b, 3, size, size, device=device)
     if mode == "infer":
@@ -191,10 +194,11 @@ def method_workload(cfg: Config, device: torch.device) -> Workload:
 
 
 def measure(cfg: Config, mode: str, settings: dict[str, Setting], n_steps: int, warmup: int,
-            method: bool = False) -> dict:
-    """Images/s and peak memory of each variant. `cfg` describes the model (backbone, method, crops, batch,
-    device, compile); `mode` is train or infer. With `method`, train mode times `cfg.method`'s whole training
-    step; otherwise (and in infer mode) the backbone alone."""
+            method: bool = False, backbone: nn.Module | None = None) -> dict:
+    """Images/s and peak memory of each variant, and flash over math when both are timed. `cfg` describes the
+    model (backbone, method, crops, batch, device, compile); `mode` is train or infer. With `method`, train mode
+    times `cfg.method`'s whole training step; otherwise (and in infer mode) the backbone alone, `backbone` if
+    given."""
     from .train.trainer import resolve_device
 
     if mode not in ("train", "infer"):
@@ -206,7 +210,7 @@ def measure(cfg: Config, mode: str, settings: dict[str, Setting], n_steps: int, 
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     method = method and mode == "train"
-    work = method_workload(cfg, device) if method else backbone_workload(cfg, mode, device)
+    work = method_workload(cfg, device) if method else backbone_workload(cfg, mode, device, backbone)
 
     def variant(s: Setting) -> Callable[[], None]:
         def run() -> None:
@@ -221,15 +225,85 @@ def measure(cfg: Config, mode: str, settings: dict[str, Setting], n_steps: int, 
         r["images_per_s"] = round(work.batch_images / r["median_step_s"], 2)
         r["setting"] = asdict(settings[k])
     b = cfg.backbone
-    return {"mode": mode, "method": cfg.method if method else None, "arch": b.arch,
-            "patch_size": b.patch_size, "depth": b.depth, "img_size": cfg.crops.global_size,
-            "batch_size": cfg.optim.batch_size, "drop_path": b.drop_path, "compile": cfg.train.compile,
-            "device": str(device), "steps": n_steps, "warmup": warmup, "variants": timed, "machine": machine()}
+    result = {"mode": mode, "method": cfg.method if method else None, "arch": b.arch,
+              "patch_size": b.patch_size, "depth": b.depth, "img_size": cfg.crops.global_size,
+              "batch_size": cfg.optim.batch_size, "drop_path": b.drop_path, "compile": cfg.train.compile,
+              "device": str(device), "steps": n_steps, "warmup": warmup, "variants": timed, "machine": machine()}
+    if {"flash", "math"} <= set(timed):
+        result["ratio_flash_math"] = ratio(result, "flash", "math")
+    return result
 
 
 def ratio(result: dict, a: str, b: str) -> float:
     v = result["variants"]
     return round(v[a]["images_per_s"] / v[b]["images_per_s"], 3)
+
+
+def measure_run(run: Path, cfg: Config, settings: dict[str, Setting], n_steps: int, warmup: int,
+                modes: tuple[str, ...] = ("train", "infer")) -> dict:
+    """A training run's own model at its own crop sizes (`cfg`: its config, batch and device as they are to be
+    timed): `train` is the method's whole training step on multi-crop views, `infer` the run's trained backbone
+    (a fresh one of its architecture while the run has no weights yet) forward at the global crop size, in
+    eval mode. Each mode times the variants of `settings` interleaved."""
+    from .weights import load, run_backbone_file
+
+    weights = run_backbone_file(run)
+    out: dict = {}
+    for mode in modes:
+        backbone = load(run).backbone if mode == "infer" and weights is not None else None
+        out[mode] = measure(copy.deepcopy(cfg), mode, settings, n_steps, warmup, method=True, backbone=backbone)
+        info = out[mode].pop("machine")  # the same in every mode: recorded once
+    first, c, b = out[modes[0]], cfg.crops, cfg.backbone
+    return {"run": str(run), "weights": str(weights) if weights is not None else None, "method": cfg.method,
+            "arch": b.arch, "patch_size": b.patch_size, "depth": b.depth,
+            "crops": {"n_global": c.n_global, "global_size": c.global_size, "n_local": c.n_local,
+                      "local_size": c.local_size},
+            "batch_size": first["batch_size"], "device": first["device"],
+            "dtypes": sorted({s.dtype for s in settings.values()}), "compile": first["compile"],
+            "steps": n_steps, "warmup": warmup, "machine": info, **out}
+
+
+def save_result(result: dict, path: Path) -> None:
+    """`result` as JSON at `path`, atomically: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+MODE_NAMES = {"train": "training step", "infer": "inference"}
+
+
+def run_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (one per timed mode) of a `measure_run` result: images/s and peak memory per variant,
+    and flash / math when both were timed; cells formatted for printing."""
+    modes = [m for m in MODE_NAMES if m in result]
+    names = list(result[modes[0]]["variants"])
+    both = all("ratio_flash_math" in result[m] for m in modes)
+    header = ["", *(f"images/s {n}" for n in names), *(["flash / math"] if both else []),
+              *(f"peak MiB {n}" for n in names)]
+    rows = []
+    for m in modes:
+        v = result[m]["variants"]
+        rows.append([MODE_NAMES[m], *(f"{v[n]['images_per_s']:.1f}" for n in names),
+                     *([f"{result[m]['ratio_flash_math']:.2f}x"] if both else []),
+                     *(f"{v[n]['peak_memory_mib']:.0f}" for n in names)])
+    return header, rows
+
+
+def run_summary(result: dict) -> str:
+    """One line: what a `measure_run` result timed, and on which machine."""
+    c, m = result["crops"], result["machine"]
+    local = f" + {c['n_local']} x {c['local_size']} px" if c["n_local"] else ""
+    depth = f" (depth {result['depth']})" if result["depth"] else ""
+    threads = m["torch_threads"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cpu_count']} cores, {threads} torch thread{'s' * (threads != 1)}"
+    return (f"{result['method']}, {result['arch']}/{result['patch_size']}{depth}, crops {c['n_global']} x "
+            f"{c['global_size']} px{local}, batch {result['batch_size']}, {result['device']}, "
+            f"{'/'.join(result['dtypes'])}{', compiled' if result['compile'] else ''}: median of {result['steps']} "
+            f"steps after {result['warmup']} warm-up, on {where}, torch {m['torch']}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import html
 import logging
 from pathlib import Path
 
+from ..config import Config, load_recipe
 from ..errors import UserError
 
 log = logging.getLogger("selfsup")
@@ -13,11 +14,13 @@ log = logging.getLogger("selfsup")
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "report", help="one HTML page for a run: curves, k-NN during training, evaluations, attention, PCA",
+        "report", help="one HTML page for a run: curves, warnings, evaluations, timing, attention, PCA",
         description="Write RUN_DIR/report.html, self-contained (figures embedded), with the PNGs beside it in "
-        "RUN_DIR/report/: loss, lr, teacher entropy and KL curves; k-NN during training (train with eval.every=N); "
-        "the final evaluation table (results.json and every `selfsup eval` result); attention maps of the trained "
-        "and a random-init backbone, and PCA of patch features, for a few images.")
+        "RUN_DIR/report/: the trainer's warnings (collapse, ...) in a box at the top; loss, lr, teacher entropy and "
+        "KL curves; k-NN during training (train with eval.every=N); the final evaluation table (results.json and "
+        "every `selfsup eval` result, each linear probe in full); FlashAttention on vs off (bench.json of `selfsup "
+        "bench --checkpoint RUN_DIR`); attention maps of the trained and a random-init backbone, and PCA of patch "
+        "features, for a few images.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of `selfsup train`")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders for the figures")
     p.add_argument("--data", help="take the figures' images from this source (default: the run's data, unless "
@@ -29,9 +32,10 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def run_config(run_dir: Path):
-    from ..config import Config, load_recipe
-
+def run_config(run_dir: Path) -> Config:
+    """The config a run folder of `selfsup train` was trained with (its config.yaml)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run folder (expected config.yaml from `selfsup train`)")
     cfg = Config()
     load_recipe(cfg, str(run_dir / "config.yaml"))
     return cfg
@@ -62,14 +66,13 @@ def run(args: argparse.Namespace) -> int:
     from ..viz.images import viz_images
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise UserError(f"{run_dir}: not a run folder (expected config.yaml from `selfsup train`)")
+    cfg = run_config(run_dir)
     if args.n < 1 or (args.size is not None and args.size < 1):
         raise UserError("report: --n and --size must be at least 1")
-    cfg = run_config(run_dir)
     folder = run_dir / "report"
     folder.mkdir(exist_ok=True)
-    curves = report.curves(run_dir, folder)
+    rows = report.metrics(run_dir)
+    curves = report.curves(rows, folder)
     data = args.data or (None if args.images else cfg.data.eval_source or cfg.data.source)
     try:
         figures = pictures(run_dir, viz_images(args.images, data, args.n), folder, resolve_device(args.device),
@@ -85,12 +88,13 @@ def run(args: argparse.Namespace) -> int:
     sections = [
         ("Training curves", "".join(report.figure(p, t) for p, t in curves) or "<p>No metrics.jsonl yet.</p>"),
         ("Final evaluation", report.final_table(run_dir)),
+        ("FlashAttention on vs off", report.bench_section(run_dir)),
         ("What the backbone attends to", pictures_html),
         ("Configuration", f"<details><summary>config.yaml</summary><pre>"
                           f"{report.esc((run_dir / 'config.yaml').read_text())}</pre></details>"),
     ]
     path = run_dir / "report.html"
-    path.write_text(report.page(f"selfsup report: {run_dir.name}", summary, sections))
+    path.write_text(report.page(f"selfsup report: {run_dir.name}", summary, sections, report.warnings_box(rows)))
     print(f"wrote {path} (figures in {folder})")
     if args.json:
         print_json({"html": str(path), "pngs": [str(p) for p, _ in curves + figures]})

@@ -30,10 +30,15 @@ def figure(png: Path, caption: str, half: bool = False) -> str:
             f"<figcaption>{esc(caption)} ({esc(png.name)})</figcaption></figure>")
 
 
-def curves(run: Path, folder: Path) -> list[tuple[Path, str]]:
-    """The training curves as PNGs in `folder`: (path, title) of each one the run logged."""
-    metrics = run / "metrics.jsonl"
-    rows = read_metrics(metrics) if metrics.exists() else []
+def metrics(run: Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl: losses, k-NN during training, warnings of the trainer."""
+    path = run / "metrics.jsonl"
+    return [r for r in read_metrics(path) if isinstance(r, dict)] if path.exists() else []
+
+
+def curves(rows: list[dict], folder: Path) -> list[tuple[Path, str]]:
+    """The training curves as PNGs in `folder`: (path, title) of each one the run logged. Each panel takes
+    the rows holding its keys (a k-NN or warning row has no loss)."""
     out = []
     for title, keys in PANELS:
         path = folder / f"curve-{keys[0]}.png"
@@ -52,15 +57,56 @@ def final_table(run: Path) -> str:
                  "raw_pixels": "raw pixels"}
         parts.append("<h3>k-NN at the end of training</h3>" + table(
             ["features", "top-1 %", "top-5 %"], [[names.get(k, k), v["top1"], v["top5"]] for k, v in knn.items()]))
-    rows = []
+    rows, probes = [], []
     for f in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
         r = json.loads(f.read_text())
-        rows.append([r.get("protocol"), r.get("data"), "random init" if r.get("random_init") else "trained",
-                     r.get("features"), headline(r)])
+        backbone = "random init" if r.get("random_init") else "trained"
+        rows.append([r.get("protocol"), r.get("data"), backbone, r.get("features"), headline(r)])
+        if r.get("protocol") == "linear":
+            probes.append(f"<h3>Linear probe on <code>{esc(r.get('data'))}</code>, {backbone} backbone</h3>"
+                          + linear_table(r))
     if rows:
         parts.append("<h3>Evaluations (selfsup eval)</h3>" + table(
             ["protocol", "data", "backbone", "features", "result"], rows))
+    parts += probes
     return "".join(parts) or "<p>No evaluation yet: run <code>selfsup eval knn --checkpoint RUN</code>.</p>"
+
+
+def linear_table(r: dict) -> str:
+    """One `selfsup eval linear` result: each feature kind at its best lr, the one chosen on val marked."""
+    rows = [[f"{kind}{' (chosen on val)' if kind == r['best'] else ''}", f"{k['lr']:g}", k["val_top1"], k["top1"],
+             k["top5"]] for kind, k in r["kinds"].items()]
+    return table(["features", "lr", "val top-1 %", "test top-1 %", "test top-5 %"], rows)
+
+
+def warnings_box(rows: list[dict]) -> str:
+    """The trainer's warnings in metrics.jsonl (collapse, ...) in a highlighted box; empty without any."""
+    warned = [r for r in rows if "warning" in r]
+    if not warned:
+        return ""
+    items = "".join(f"<li><b>step {esc(r.get('step', '?'))}</b>, {esc(r['warning'])}: "
+                    f"{esc(r.get('message', r.get('monitor', '')))}</li>" for r in warned)
+    return (f"<div class=warn><b>{len(warned)} training warning{'s' if len(warned) > 1 else ''}</b> "
+            f"(metrics.jsonl)<ul>{items}</ul></div>")
+
+
+def bench_section(run: Path) -> str:
+    """`selfsup bench --checkpoint RUN`'s timing (bench.json): FlashAttention on vs off, training and inference."""
+    from ..bench import run_summary, run_table
+
+    path = run / "bench.json"
+    if not path.exists():
+        return "<p>Not timed yet: run <code>selfsup bench --checkpoint RUN</code>.</p>"
+    try:
+        result = json.loads(path.read_text())
+        header, rows = run_table(result)
+        summary = run_summary(result)
+    except (ValueError, KeyError, TypeError) as e:
+        return (f"<p>{esc(path)}: unreadable ({esc(type(e).__name__)}); run <code>selfsup bench --checkpoint "
+                "RUN</code> again.</p>")
+    return table(header, rows) + (
+        f"<p class=note>{esc(summary)}. Images/s counts source images: a training step crops each into its global "
+        "and local views; peak memory is CUDA's max allocated, or on the CPU the process's peak RSS.</p>")
 
 
 def headline(r: dict) -> str:
@@ -82,10 +128,13 @@ h1{font-size:1.5em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
 th{background:#f4f4f4}figure{display:inline-block;margin:.4em;vertical-align:top}
 figure img{max-width:100%;border:1px solid #eee}figure.half{width:48%}figcaption{font-size:.8em;color:#555}
-pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}"""
+pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
+.warn{background:#fff4e5;border:1px solid #f0a040;border-left:6px solid #e07000;padding:.6em 1em;margin:1em 0}
+.warn ul{margin:.4em 0 0;padding-left:1.2em}.note{font-size:.85em;color:#555}"""
 
 
-def page(title: str, summary: str, sections: list[tuple[str, str]]) -> str:
+def page(title: str, summary: str, sections: list[tuple[str, str]], notice: str = "") -> str:
+    """The whole page; `notice` (warnings) stands out under the summary, above every section."""
     body = "".join(f"<h2>{esc(h)}</h2>{content}" for h, content in sections)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{STYLE}</style>"
-            f"</head><body><h1>{esc(title)}</h1><p>{summary}</p>{body}</body></html>")
+            f"</head><body><h1>{esc(title)}</h1><p>{summary}</p>{notice}{body}</body></html>")
