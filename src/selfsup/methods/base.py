@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import BackboneConfig, Config
 from ..train.schedules import Progress
+from ..train.watchdog import CollapseCheck
 
 
 @dataclass
@@ -97,6 +98,10 @@ class Method(nn.Module):
 
     def last_layer_params(self) -> list[nn.Parameter]:
         """Parameters frozen during the first epoch(s) (DINO's prototypes)."""
+        return []
+
+    def collapse_checks(self) -> list[CollapseCheck]:
+        """The collapse monitors the trainer's watchdog watches in this method's metrics."""
         return []
 
     def train(self, mode: bool = True) -> "Method":

@@ -8,8 +8,10 @@ from torch import nn
 from ..config import Config
 from ..nn.heads import ProjectionMLP
 from ..train.schedules import Progress
+from ..train.watchdog import CollapseCheck, spread_check
 from .base import Batch
 from .siamese import MomentumSiamese
+from .simclr import spread
 
 
 def regression_loss(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -31,6 +33,8 @@ class BYOL(MomentumSiamese):
     def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         (q1, q2), (z2, z1) = self.views(batch)  # q of views 1, 2; z' of views 2, 1
         loss = regression_loss(q1, z2) + regression_loss(q2, z1)  # L + L~ (BYOL Sec. 3.1, symmetrised)
-        # the spread of the target projections: near 0 when the representation collapses
-        std = F.normalize(z1, dim=-1).std(0).mean()
-        return {"loss": loss, "target_std": std}
+        return {"loss": loss, "target_std": spread(z1)}  # the target projections' spread
+
+    def collapse_checks(self) -> list[CollapseCheck]:
+        return [spread_check("target_std", self.cfg.byol.out_dim, "keep the predictor (byol.predictor=true), a "
+                             "lower optim.lr, a teacher.momentum closer to 1")]

@@ -1,6 +1,8 @@
 """DINO: self-distillation with no labels (Caron et al., 2021)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,6 +12,7 @@ from ..nn import backbone_from_config, feature_dim
 from ..nn.heads import DINOHead
 from ..train import distributed
 from ..train.schedules import Progress
+from ..train.watchdog import CollapseCheck, teacher_checks
 from .base import Batch, Method, ema_update, momentum_teacher
 
 
@@ -75,6 +78,9 @@ class DINO(Method):
 
     def student_modules(self) -> dict[str, nn.Module]:
         return dict(self.student.items())
+
+    def collapse_checks(self) -> list[CollapseCheck]:
+        return teacher_checks(math.log(self.cfg.dino.out_dim))
 
     def last_layer_params(self) -> list[nn.Parameter]:
         return list(self.student["head"].last_layer.parameters())

@@ -12,9 +12,11 @@ from ..errors import UserError
 from ..nn.heads import ProjectionMLP
 from ..train import distributed
 from ..train.schedules import Progress
+from ..train.watchdog import CollapseCheck, spread_check
 from .base import Batch
 from .contrastive import info_nce, info_nce_queue
 from .siamese import MomentumSiamese
+from .simclr import spread
 
 
 def in_groups(encode: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -82,16 +84,22 @@ class MoCo(MomentumSiamese):
         m = self.cfg.moco
         if m.version == 3:
             (q1, q2), (k2, k1) = self.views(batch)
-            return {"loss": info_nce(q1, k2, m.temperature) + info_nce(q2, k1, m.temperature)}
+            return {"loss": info_nce(q1, k2, m.temperature) + info_nce(q2, k1, m.temperature), "key_std": spread(k2)}
         (q1,), (k2,) = self.views(batch, query=(0,), key=(1,))
         loss = info_nce_queue(q1, k2, self.queue.clone(), m.temperature)  # the queue changes below
         self.enqueue(F.normalize(k2, dim=-1))
-        return {"loss": loss}
+        return {"loss": loss, "key_std": spread(k2)}
+
+    def collapse_checks(self) -> list[CollapseCheck]:
+        return [spread_check("key_std", self.cfg.moco.out_dim, "a lower optim.lr, a teacher.momentum closer to 1, "
+                             "a lower moco.temperature")]
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """The newest keys of all ranks replace the oldest ones (MoCo Sec. 3.2)."""
         keys = distributed.all_gather(keys)
-        ptr = int(self.queue_ptr)
-        self.queue[ptr : ptr + keys.shape[0]] = keys
-        self.queue_ptr.fill_((ptr + keys.shape[0]) % self.queue.shape[0])
+        ptr, size = int(self.queue_ptr), self.queue.shape[0]
+        # whole batches in a run (queue_size is a multiple of the batch); the trainer's trial steps at other
+        # batch sizes wrap around
+        self.queue[(ptr + torch.arange(keys.shape[0], device=keys.device)) % size] = keys
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % size)

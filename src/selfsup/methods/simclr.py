@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
@@ -9,8 +10,14 @@ from ..errors import UserError
 from ..nn import backbone_from_config, feature_dim
 from ..nn.heads import ProjectionMLP
 from ..train.schedules import Progress
+from ..train.watchdog import CollapseCheck, spread_check
 from .base import Batch, Method
 from .contrastive import nt_xent
+
+
+def spread(z: torch.Tensor) -> torch.Tensor:
+    """The per-dimension std of the normalised embeddings, averaged: near 0 when every image maps to one point."""
+    return F.normalize(z.detach().float(), dim=-1).std(0).mean()
 
 
 def two_views(cfg: Config, method: str) -> None:
@@ -42,4 +49,8 @@ class SimCLR(Method):
     def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         # both views in one batch, so the projector's BatchNorm sees all 2N (as SimCLR's code concatenates them)
         z = self.student["projector"](self.student["backbone"](batch.global_crops))
-        return {"loss": nt_xent(z, self.cfg.simclr.temperature)}
+        return {"loss": nt_xent(z, self.cfg.simclr.temperature), "embedding_std": spread(z)}
+
+    def collapse_checks(self) -> list[CollapseCheck]:
+        return [spread_check("embedding_std", self.cfg.simclr.out_dim, "a lower optim.lr, a larger batch, a "
+                             "lower simclr.temperature")]

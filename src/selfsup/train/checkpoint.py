@@ -61,12 +61,24 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.iterdir() if PATTERN.match(p.name))
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Save, then delete all but the last `keep_last` checkpoints and any temporary file of a killed writer."""
+def step_of(path: Path) -> int:
+    return int(PATTERN.match(path.name).group(1))
+
+
+def last_before(run_dir: Path, step: int) -> Path | None:
+    """The newest checkpoint saved at or before `step`."""
+    return next((p for p in reversed(checkpoints(run_dir)) if step_of(p) <= step), None)
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int, keep_step: int | None = None) -> Path:
+    """Save, then delete all but the last `keep_last` checkpoints (and the newest at or before `keep_step`, the
+    last good one before a collapse) and any temporary file of a killed writer."""
     path = run_dir / f"checkpoint-{step:08d}.pt"
     atomic_save(state, path)
+    kept = last_before(run_dir, keep_step) if keep_step is not None else None
     for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        old.unlink(missing_ok=True)
+        if old != kept:
+            old.unlink(missing_ok=True)
     for stale in run_dir.glob(TEMPORARY):
         stale.unlink(missing_ok=True)
     return path

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -13,18 +14,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config, save, to_dict
+from ..config import Config, parse_duration, save, to_dict
 from ..data.builtin import open_source
 from ..data.loader import epoch_loader, make_batches
 from ..data.views import MultiCrop, Photometric
 from ..errors import UserError
+from ..machine import free_memory, process_memory
 from ..methods import build_method
 from ..methods.base import Batch, Method
 from ..nn.attention import set_attention_backend
 from . import distributed
-from .checkpoint import latest, load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import last_before, latest, load_latest, rng_state, save_checkpoint, set_rng_state
 from .optim import build_optimizer, set_schedule
+from ..progress import format_duration
+from .plan import human_bytes, is_out_of_memory, plan_run
+from .runlog import RunLog
 from .schedules import Progress, Schedules
+from .watchdog import Watchdog
 
 log = logging.getLogger("selfsup")
 
@@ -35,6 +41,12 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class Collapsed(Exception):
+    """The collapse watchdog fired with train.stop_on_collapse: the run stopped, its last good checkpoint kept."""
+
+    exit_code = 3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,7 +94,7 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out: Path, resume: bool = False):
+    def __init__(self, cfg: Config, out: Path, resume: bool = False, run_log: RunLog | None = None):
         self.cfg, self.out, self.resume = cfg, out, resume
         self.device = distributed.init(resolve_device(cfg.train.device))
         if cfg.train.threads:
@@ -96,21 +108,29 @@ class Trainer:
         self.method = method.to(self.device)
         set_attention_backend(self.method, cfg.train.attention, self.device)  # training and evaluation
         self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
-        self.batches = make_batches(self.source, self.multicrop, cfg.optim.batch_size, self.rank, self.world,
-                                    cfg.train.seed)
-        self.steps_per_epoch = len(self.batches)
-        o = cfg.optim
-        self.total_steps = o.steps if o.steps else max(1, int(round(o.epochs * self.steps_per_epoch)))
-        self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch)
+        self.schedule()
         self.photometric = Photometric(cfg.crops)
         self.model = distributed.wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
         self.sharded = distributed.sharded(self.method)
         self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device)
+        self.run_log = run_log or RunLog()
+        self.watchdog = Watchdog(self.method.collapse_checks(), cfg.train.collapse_patience)
+        self.eval_s = 0.0  # the final evaluation's expected seconds (from the trial steps)
+        self.step_s = 0.0  # seconds per step: from the trial steps, then measured
+        self.collapse_warnings: list[dict] = []
         self.step = 0
         self.bad_steps = 0  # non-finite losses in a row
         self.skipped_steps = 0  # in all
         self._signal: int | None = None
         self.stop = False  # a signal reached some rank: every rank stops after this step
+
+    def schedule(self) -> None:
+        """Batches, run length and schedules from the config (again after the trial steps change them)."""
+        cfg, o = self.cfg, self.cfg.optim
+        self.batches = make_batches(self.source, self.multicrop, o.batch_size, self.rank, self.world, cfg.train.seed)
+        self.steps_per_epoch = len(self.batches)
+        self.total_steps = o.steps if o.steps else max(1, int(round(o.epochs * self.steps_per_epoch)))
+        self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch)
 
     # ----- state -----
     def state(self) -> dict:
@@ -126,12 +146,27 @@ class Trainer:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_state(state["rng"])
 
+    def snapshot(self) -> tuple:
+        """The method's state, the RNG and the step, for `restore` after trial steps."""
+        return copy.deepcopy(self.method.state_dict()), rng_state(), self.step
+
+    def restore(self, saved: tuple) -> None:
+        """Back to `snapshot`, with a fresh optimiser: as if the trial steps never ran."""
+        method_state, rng, self.step = saved
+        self.method.load_state_dict(method_state)
+        set_rng_state(rng)
+        self.optimizer = build_optimizer(self.method.student_modules(), self.cfg, self.device)
+
     def checkpoint(self) -> Path | None:
-        """Rank 0 writes; under FSDP every rank first helps gather the state."""
+        """Rank 0 writes; under FSDP every rank first helps gather the state. While a collapse monitor holds,
+        the newest checkpoint from before it began is kept."""
         if not (distributed.is_main() or self.sharded):
             return None
         state = self.state()
-        return save_checkpoint(self.out, self.step, state, self.cfg.train.keep_last) if distributed.is_main() else None
+        if not distributed.is_main():
+            return None
+        keep = self.watchdog.onset - 1 if self.watchdog.onset is not None else None
+        return save_checkpoint(self.out, self.step, state, self.cfg.train.keep_last, keep)
 
     def whole_method(self) -> Method | None:
         """The method with whole tensors, for evaluation and export: itself, or under FSDP a copy gathered
@@ -197,9 +232,11 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
         self._signal = signum
 
-    def fit(self) -> dict:
+    def fit(self, choose_batch: bool = False, started: float | None = None) -> dict:
+        """Train. Before a new run's first step, trial steps fit the batch to memory (`choose_batch`: pick a
+        smaller one if needed, else an error naming the largest that fits) and, with train.time, the length to
+        the time left since `started` (time.monotonic())."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
         if self.resume:
             found = load_latest(self.out)
             if found is None:
@@ -210,21 +247,52 @@ class Trainer:
         elif latest(self.out) is not None:
             raise UserError(f"{self.out}: this run folder already has checkpoints (pass --resume to continue it, "
                             "or --out for a new run)")
+        if self.step == 0 and self.world == 1:  # under torchrun the ranks would have to agree: no trial steps
+            budget = parse_duration(cfg.train.time) if cfg.train.time else None
+            for line in plan_run(self, choose_batch, budget, started if started is not None else time.monotonic()):
+                log.info(line)
+        self.out.mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
+            self.run_log.open(self.out)
             trim_metrics(self.out / "metrics.jsonl", self.step)  # steps of a run killed after its checkpoint
-            save(cfg, self.out / "config.yaml")
+            save(cfg, self.out / "config.yaml")  # as planned: a resumed run continues this plan
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         log.info("%s on %s: %d images, batch %d, %d steps (%.1f epochs), device %s", cfg.method, self.source.name,
                  len(self.source), cfg.optim.batch_size, self.total_steps, self.total_steps / self.steps_per_epoch,
                  self.device)
+        if self.step_s:
+            train_s = (self.total_steps - self.step) * self.step_s
+            log.info("ETA %s: %d steps at %.0f img/s (%s) + final evaluation (~%s), ending about %s",
+                     format_duration(train_s + self.eval_s), self.total_steps - self.step,
+                     cfg.optim.batch_size / self.step_s, format_duration(train_s), format_duration(self.eval_s),
+                     time.strftime("%H:%M", time.localtime(time.time() + train_s + self.eval_s)))
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._loop()
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise UserError(f"out of memory at step {self.step + 1} with batch {cfg.optim.batch_size} "
+                            f"({human_bytes(process_memory(self.device))} in use, {human_bytes(free_memory(self.device))} "
+                            f"free on {self.device}): lower --batch-size; the last checkpoint in {self.out} is "
+                            "intact") from None
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
         return self._finish()
+
+    def log_step(self, m: dict[str, float], ips: float) -> None:
+        """Every train.log_every steps: on the terminal's bar, else one line (stderr and train.log)."""
+        eta = (self.total_steps - self.step) * self.step_s + self.eval_s
+        line = (f"step {self.step}/{self.total_steps}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {ips:,.0f} img/s  "
+                f"ETA {format_duration(eta)}")
+        if "teacher_entropy" in m:
+            line += f"  teacher entropy {m['teacher_entropy']:.2f}"
+        if sys.stderr.isatty():
+            self.run_log.write(line)
+        else:
+            log.info(line)
 
     def _loop(self) -> None:
         cfg = self.cfg
@@ -240,8 +308,10 @@ class Trainer:
                 for views in epoch_loader(self.batches, epoch, start, cfg.data.num_workers):
                     m = self.train_step(views)
                     now = time.perf_counter()
-                    ips = images_per_step / max(now - last_t, 1e-9)
-                    last_t = now
+                    dt, last_t = now - last_t, now
+                    ips = images_per_step / max(dt, 1e-9)
+                    # seconds per step, smoothed (the first step of an epoch also waits for the loader to start)
+                    self.step_s = dt if not self.step_s else 0.95 * self.step_s + 0.05 * dt
                     self.step += 1
                     if m is None:
                         self.bad_steps += 1
@@ -257,6 +327,9 @@ class Trainer:
                             metrics_file.write(json.dumps(m) + "\n")
                             metrics_file.flush()  # a killed run keeps every step it logged
                         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.0f}")
+                        if distributed.is_main() and self.step % cfg.train.log_every == 0:
+                            self.log_step(m, images_per_step / self.step_s)
+                        self.watch(m, metrics_file)
                     bar.update(1)
                     if self.stop:
                         path = self.checkpoint()
@@ -279,6 +352,21 @@ class Trainer:
             if metrics_file:
                 metrics_file.close()
 
+    def watch(self, m: dict[str, float], metrics_file) -> None:
+        """The collapse watchdog: a warning in the log and metrics.jsonl; with train.stop_on_collapse, the end."""
+        warning = self.watchdog.observe(self.step, m)
+        if warning is None:
+            return
+        log.warning(warning.message())
+        self.collapse_warnings.append(warning.record())
+        if metrics_file:
+            metrics_file.write(json.dumps(warning.record()) + "\n")
+            metrics_file.flush()
+        if self.cfg.train.stop_on_collapse:
+            good = last_before(self.out, warning.since - 1)
+            kept = f"the last checkpoint before it, {good}, is kept" if good else "no checkpoint was saved before it"
+            raise Collapsed(f"stopped at step {self.step} (train.stop_on_collapse): {warning.message()}; {kept}")
+
     def periodic_eval(self, metrics_file) -> None:
         from ..eval.run import knn_of_backbone
 
@@ -299,4 +387,5 @@ class Trainer:
         if not distributed.is_main():
             return {}
         save_backbone(self.method.backbone(), self.cfg, self.out / "backbone.safetensors")
-        return {"run": str(self.out), "steps": self.step, "skipped_steps": self.skipped_steps}
+        return {"run": str(self.out), "steps": self.step, "skipped_steps": self.skipped_steps,
+                "collapse_warnings": self.collapse_warnings}

@@ -1,0 +1,248 @@
+"""Trial steps before a run: the largest batch that fits in memory, the speed, and from them the run's length.
+
+Memory: training steps at batch 2, 4, 8, ... (synthetic multi-crop views through the run's own `MultiCrop`)
+give the peak memory (CUDA max allocated, or the process's peak RSS); a line through the last two points
+extrapolates to larger batches, and no batch is tried that the line says would not fit. Speed: a few steps at
+the chosen batch, the loader's decode-and-crop time per image, and an inference pass for the final k-NN. The
+trainer restores its state afterwards, so a run with trial steps trains exactly like one without.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..bench import PeakMemory, synchronize, synthetic_views
+from ..machine import free_memory, process_memory
+from ..progress import format_duration
+
+log = logging.getLogger("selfsup")
+GiB = 2**30
+WORKER_RESERVE = 0.5 * GiB  # a loader process: its own interpreter and prefetched batches
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+@dataclass
+class MemoryFit:
+    largest_batch: int  # per process
+    budget: float  # bytes the process may use at its peak
+    peak_at: dict[int, float]  # batch -> measured peak bytes
+
+    def needed(self, batch: int) -> float:
+        """Peak bytes at `batch`, on the line through the two largest measured batches."""
+        (b1, p1), (b2, p2) = sorted(self.peak_at.items())[-2:]
+        return p2 + max(p2 - p1, 0.0) / (b2 - b1) * (batch - b2)
+
+    def solve(self) -> float:
+        """The batch at which that line reaches the budget."""
+        (b1, p1), (b2, p2) = sorted(self.peak_at.items())[-2:]
+        slope = (p2 - p1) / (b2 - b1)
+        return math.inf if slope <= 0 else b2 + (self.budget - p2) / slope
+
+
+def memory_budget(device: torch.device, fraction: float, limit_gib: float | None, workers: int) -> float:
+    """Bytes the training process may use at its peak: what it holds now plus `fraction` of what is free (on
+    a CPU less a reserve per loader worker), capped by `limit_gib`."""
+    budget = process_memory(device) + fraction * free_memory(device)
+    if device.type != "cuda":
+        budget -= workers * WORKER_RESERVE
+    return min(budget, limit_gib * GiB) if limit_gib else budget
+
+
+def fit_batch(step, device: torch.device, target: int, budget: float, start: int = 2,
+              memory: PeakMemory | None = None) -> MemoryFit:
+    """Trial steps `step(b)` at b = start, 2 start, ... up to `target`, none that the line through the last two
+    measured would put over `budget`; the largest batch (at most `target`) that line keeps under `budget`."""
+    memory, peaks, b, ceiling = memory or PeakMemory(device), {}, min(start, target), target
+    while True:
+        memory.reset()
+        try:
+            step(b)
+            synchronize(device)
+        except Exception as e:  # noqa: BLE001 - only running out of memory is an answer; re-raised otherwise
+            if not is_out_of_memory(e):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            ceiling = b - 1
+            break
+        peaks[b] = memory.read() * 2**20
+        nxt = min(2 * b, target)
+        if b >= target or (len(peaks) > 1 and MemoryFit(0, budget, peaks).needed(nxt) > budget):
+            break
+        b = nxt
+    fit = MemoryFit(0, budget, peaks)
+    if len(peaks) == 1:
+        (b1, p1), = peaks.items()
+        fit.largest_batch = min(b1, ceiling) if p1 <= budget else 0
+    elif peaks:
+        fit.largest_batch = max(0, min(ceiling, math.floor(min(fit.solve(), 1e9))))
+    return fit
+
+
+@dataclass
+class Speed:
+    step_s: float  # one training step at the run's batch, loader included
+    compute_step_s: float
+    load_image_s: float  # decode and crop one image in one loader process
+    eval_s: float  # the final evaluation
+
+
+def time_steps(step, n: int, device: torch.device) -> float:
+    """Median seconds of `n` calls after one untimed call."""
+    step()
+    times = []
+    for _ in range(n):
+        synchronize(device)
+        t = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def load_time(source, multicrop, n: int = 32) -> float:
+    """Seconds to decode and multi-crop one image of `source`, in this process."""
+    n = min(n, len(source))
+    t = time.perf_counter()
+    samples = [(*source[i * (len(source) // n)], i) for i in range(n)]
+    multicrop(samples, 0)
+    return (time.perf_counter() - t) / n
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
+
+
+def synthetic_step(trainer):
+    """`step(b)`: one training step of `trainer` on b synthetic images at its crop sizes."""
+    def step(b: int) -> None:
+        trainer.train_step(synthetic_views(trainer.cfg, trainer.multicrop, b))
+
+    return step
+
+
+def decode_time(source, n: int = 32) -> float:
+    """Seconds to read one image of `source` (decoding, for files), in this process."""
+    n = min(n, len(source))
+    t = time.perf_counter()
+    for i in range(n):
+        source[i * (len(source) // n)]
+    return (time.perf_counter() - t) / n
+
+
+def matmul_flops(device: torch.device) -> float:
+    """Float32 matrix-multiply speed (FLOP/s), for the k-NN's similarity matrices."""
+    a, b = torch.randn(512, 1024, device=device), torch.randn(1024, 2048, device=device)
+    seconds = time_steps(lambda: a @ b, 2, device)
+    return 2 * 512 * 1024 * 2048 / max(seconds, 1e-9)
+
+
+def epoch_seconds(trainer) -> float:
+    """What each epoch adds to its steps: the loader's start (its workers, the first batch) and a checkpoint."""
+    from ..data.loader import epoch_loader
+    from .checkpoint import atomic_save
+
+    t = time.perf_counter()
+    batches = iter(epoch_loader(trainer.batches, 0, 0, trainer.cfg.data.num_workers))
+    next(batches)
+    del batches
+    with tempfile.TemporaryDirectory() as tmp:
+        atomic_save(trainer.state(), Path(tmp) / "checkpoint.pt")
+    return time.perf_counter() - t
+
+
+def eval_seconds(trainer, workers: int) -> float:
+    """The final evaluation's time: features of every labelled image from the trained and the random-init
+    backbone and raw pixels (decode, then forward), and their k-NN similarity matrices."""
+    from ..data.builtin import open_source
+    from ..eval.run import labelled_splits
+
+    cfg, device = trainer.cfg, trainer.device
+    spec = cfg.data.eval_source or cfg.data.source
+    if not cfg.eval.final or not open_source(spec).labelled:
+        return 0.0
+    train, test = labelled_splits(spec)
+    n = len(train) + len(test)
+    read_s = decode_time(test)
+    size, b = cfg.crops.global_size, 64
+    backbone = trainer.method.backbone()
+    x = torch.randn(b, 3, size, size, device=device)
+    was_training = backbone.training
+    backbone.eval()
+    with torch.inference_mode():
+        infer_s = time_steps(lambda: backbone(x), 1, device) / b
+        dim = backbone(x[:1]).shape[-1]
+    backbone.train(was_training)
+    per_pass = max(read_s, infer_s) if workers else read_s + infer_s
+    knn_s = 2 * len(train) * len(test) * (2 * dim + 3 * size * size) / matmul_flops(device)
+    return n * (2 * per_pass + read_s) + knn_s
+
+
+def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float) -> list[str]:
+    """Trial steps: the batch fitted to memory (chosen, or an explicit one checked), the seconds per step and
+    of the final evaluation, and with `budget_s` the number of steps that ends the command in time (`started`:
+    the command's start, on the `time.monotonic` clock). Sets the trainer's batch, length and `eval_s`; returns
+    the lines to print."""
+    from ..errors import UserError
+    from ..machine import free_memory
+
+    cfg, device = trainer.cfg, trainer.device
+    saved = trainer.snapshot()
+    lines = []
+    try:
+        trainer.step = min(trainer.schedules.freeze_last_layer_steps, trainer.total_steps - 1)  # every parameter trains
+        step = synthetic_step(trainer)
+        target = cfg.optim.batch_size
+        start = max(2, 2 * cfg.moco.shuffle_bn) if cfg.method == "moco" else 2
+        budget = memory_budget(device, cfg.train.memory_fraction, cfg.train.memory_limit_gib, cfg.data.num_workers)
+        fit = fit_batch(step, device, target, budget, start)
+        where = (f"{human_bytes(budget)} usable: train.memory_fraction {cfg.train.memory_fraction} of "
+                 f"{human_bytes(free_memory(device))} free" + (f", train.memory_limit_gib {cfg.train.memory_limit_gib}"
+                                                               if cfg.train.memory_limit_gib else ""))
+        if fit.largest_batch < target:
+            need = human_bytes(fit.needed(target)) if len(fit.peak_at) > 1 else "more"
+            if not choose_batch or fit.largest_batch < 1:
+                raise UserError(f"optim.batch_size={target} does not fit in memory (a step needs ~{need}, {where}); "
+                                f"the largest batch that fits is {fit.largest_batch}"
+                                + (f" (--batch-size {fit.largest_batch})" if fit.largest_batch else ""))
+            chosen = 2 ** int(math.log2(fit.largest_batch))
+            lines.append(f"memory: batch {target} would need ~{need}, {where}: batch {chosen}")
+            cfg.optim.batch_size = target = chosen
+        else:
+            lines.append(f"memory: batch {target} fits (peak ~{human_bytes(fit.needed(target) if len(fit.peak_at) > 1 else max(fit.peak_at.values()))}, "
+                         f"{where})")
+        compute_s = time_steps(lambda: step(target), 2, device)
+        load_s = load_time(trainer.source, trainer.multicrop)
+        workers = cfg.data.num_workers
+        step_s = max(compute_s, load_s * target / workers) if workers else compute_s + load_s * target
+        trainer.schedule()  # the batch may have changed: steps per epoch too
+        step_s += epoch_seconds(trainer) / trainer.steps_per_epoch  # what each epoch adds, spread over its steps
+        trainer.eval_s = eval_seconds(trainer, workers)
+        trainer.step_s = step_s
+    finally:
+        trainer.restore(saved)
+    if budget_s is not None:
+        left = budget_s - (time.monotonic() - started) - trainer.eval_s
+        steps = int(left * 0.97 / step_s)  # 3 %: checkpoints, the export, the loader's start
+        if steps < 1:
+            raise UserError(f"train.time={cfg.train.time}: too short; the set-up took "
+                            f"{format_duration(time.monotonic() - started)}, the final evaluation needs "
+                            f"~{format_duration(trainer.eval_s)} and one step {step_s:.2f}s")
+        cfg.optim.steps = steps
+        lines.append(f"time budget {cfg.train.time}: {steps:,} steps fit")
+    trainer.schedule()
+    loader = f"loader {1 / load_s:,.0f} img/s per worker x {workers}" if workers else "no loader workers"
+    lines.append(f"speed: {step_s:.3f} s/step at batch {target} ({target / step_s:,.0f} img/s; {loader})")
+    return lines
