@@ -91,14 +91,6 @@ def fit_batch(step, device: torch.device, target: int, budget: float, start: int
     return fit
 
 
-@dataclass
-class Speed:
-    step_s: float  # one training step at the run's batch, loader included
-    compute_step_s: float
-    load_image_s: float  # decode and crop one image in one loader process
-    eval_s: float  # the final evaluation
-
-
 def time_steps(step, n: int, device: torch.device) -> float:
     """Median seconds of `n` calls after one untimed call."""
     step()
@@ -190,52 +182,54 @@ def eval_seconds(trainer, workers: int) -> float:
     return n * (2 * per_pass + read_s) + knn_s
 
 
-def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float) -> list[str]:
-    """Trial steps: the batch fitted to memory (chosen, or an explicit one checked), the seconds per step and
-    of the final evaluation, and with `budget_s` the number of steps that ends the command in time (`started`:
-    the command's start, on the `time.monotonic` clock). Sets the trainer's batch, length and `eval_s`; returns
-    the lines to print."""
+def fit_memory(trainer, choose_batch: bool) -> str:
+    """Trial steps at growing batches: the run's batch checked (an error naming the largest that fits) or, when
+    `choose_batch`, lowered to the largest power of two that fits. Returns the line to print."""
     from ..errors import UserError
-    from ..machine import free_memory
+
+    cfg, device = trainer.cfg, trainer.device
+    target = cfg.optim.batch_size
+    start = max(2, 2 * cfg.moco.shuffle_bn) if cfg.method == "moco" else 2  # shuffling BN's groups need 2 each
+    budget = memory_budget(device, cfg.train.memory_fraction, cfg.train.memory_limit_gib, cfg.data.num_workers)
+    fit = fit_batch(synthetic_step(trainer), device, target, budget, start)
+    limit = f", train.memory_limit_gib {cfg.train.memory_limit_gib}" if cfg.train.memory_limit_gib else ""
+    where = (f"{human_bytes(budget)} usable: train.memory_fraction {cfg.train.memory_fraction} of "
+             f"{human_bytes(free_memory(device))} free{limit}")
+    peak = human_bytes(fit.needed(target) if len(fit.peak_at) > 1 else max(fit.peak_at.values(), default=0))
+    if fit.largest_batch >= target:
+        return f"memory: batch {target} fits (peak ~{peak}, {where})"
+    if not choose_batch or fit.largest_batch < 1:
+        hint = f" (--batch-size {fit.largest_batch})" if fit.largest_batch else ""
+        raise UserError(f"optim.batch_size={target} does not fit in memory (a step needs ~{peak}, {where}); "
+                        f"the largest batch that fits is {fit.largest_batch}{hint}")
+    cfg.optim.batch_size = 2 ** int(math.log2(fit.largest_batch))
+    return f"memory: batch {target} would need ~{peak}, {where}: batch {cfg.optim.batch_size}"
+
+
+def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float) -> list[str]:
+    """Trial steps: the batch fitted to memory (`fit_memory`), the seconds per step and of the final evaluation,
+    and with `budget_s` the number of steps that ends the command in time (`started`: the command's start, on
+    the `time.monotonic` clock). Sets the trainer's batch, length, `step_s` and `eval_s`; returns the lines to
+    print. The trainer's state is restored afterwards."""
+    from ..errors import UserError
 
     cfg, device = trainer.cfg, trainer.device
     saved = trainer.snapshot()
-    lines = []
     try:
         trainer.step = min(trainer.schedules.freeze_last_layer_steps, trainer.total_steps - 1)  # every parameter trains
-        step = synthetic_step(trainer)
-        target = cfg.optim.batch_size
-        start = max(2, 2 * cfg.moco.shuffle_bn) if cfg.method == "moco" else 2
-        budget = memory_budget(device, cfg.train.memory_fraction, cfg.train.memory_limit_gib, cfg.data.num_workers)
-        fit = fit_batch(step, device, target, budget, start)
-        where = (f"{human_bytes(budget)} usable: train.memory_fraction {cfg.train.memory_fraction} of "
-                 f"{human_bytes(free_memory(device))} free" + (f", train.memory_limit_gib {cfg.train.memory_limit_gib}"
-                                                               if cfg.train.memory_limit_gib else ""))
-        if fit.largest_batch < target:
-            need = human_bytes(fit.needed(target)) if len(fit.peak_at) > 1 else "more"
-            if not choose_batch or fit.largest_batch < 1:
-                raise UserError(f"optim.batch_size={target} does not fit in memory (a step needs ~{need}, {where}); "
-                                f"the largest batch that fits is {fit.largest_batch}"
-                                + (f" (--batch-size {fit.largest_batch})" if fit.largest_batch else ""))
-            chosen = 2 ** int(math.log2(fit.largest_batch))
-            lines.append(f"memory: batch {target} would need ~{need}, {where}: batch {chosen}")
-            cfg.optim.batch_size = target = chosen
-        else:
-            lines.append(f"memory: batch {target} fits (peak ~{human_bytes(fit.needed(target) if len(fit.peak_at) > 1 else max(fit.peak_at.values()))}, "
-                         f"{where})")
-        compute_s = time_steps(lambda: step(target), 2, device)
+        lines = [fit_memory(trainer, choose_batch)]
+        batch, workers = cfg.optim.batch_size, cfg.data.num_workers
+        compute_s = time_steps(lambda: synthetic_step(trainer)(batch), 2, device)
         load_s = load_time(trainer.source, trainer.multicrop)
-        workers = cfg.data.num_workers
-        step_s = max(compute_s, load_s * target / workers) if workers else compute_s + load_s * target
+        step_s = max(compute_s, load_s * batch / workers) if workers else compute_s + load_s * batch
         trainer.schedule()  # the batch may have changed: steps per epoch too
         step_s += epoch_seconds(trainer) / trainer.steps_per_epoch  # what each epoch adds, spread over its steps
-        trainer.eval_s = eval_seconds(trainer, workers)
-        trainer.step_s = step_s
+        trainer.eval_s, trainer.step_s = eval_seconds(trainer, workers), step_s
     finally:
         trainer.restore(saved)
     if budget_s is not None:
         left = budget_s - (time.monotonic() - started) - trainer.eval_s
-        steps = int(left * 0.97 / step_s)  # 3 %: checkpoints, the export, the loader's start
+        steps = int(left * 0.97 / step_s)  # 3 %: the export, the loader's start, the exit
         if steps < 1:
             raise UserError(f"train.time={cfg.train.time}: too short; the set-up took "
                             f"{format_duration(time.monotonic() - started)}, the final evaluation needs "
@@ -244,5 +238,5 @@ def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float
         lines.append(f"time budget {cfg.train.time}: {steps:,} steps fit")
     trainer.schedule()
     loader = f"loader {1 / load_s:,.0f} img/s per worker x {workers}" if workers else "no loader workers"
-    lines.append(f"speed: {step_s:.3f} s/step at batch {target} ({target / step_s:,.0f} img/s; {loader})")
+    lines.append(f"speed: {step_s:.3f} s/step at batch {batch} ({batch / step_s:,.0f} img/s; {loader})")
     return lines
