@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import Config, apply, load_recipe, parse_override, recipe_path, validate
 from ..data.builtin import BUILTIN
-from ..machine import process_start
+from ..machine import process_start, usable_cores
 from ..progress import format_duration
 from ..train.runlog import RunLog
 
@@ -120,6 +120,10 @@ def resolve_config(args: argparse.Namespace, saved: Path | None = None) -> Resol
     for o in overrides:
         apply(cfg, o, "command line")
     validate(cfg)  # ranges, choices and keys that depend on each other, before any folder, data or model
+    cores = usable_cores()
+    if cfg.data.num_workers >= cores:  # loader processes beside the training process never exceed the cores
+        out.why.append(f"loader: data.num_workers {cfg.data.num_workers} -> {cores - 1} ({cores} usable cores)")
+        cfg.data.num_workers = cores - 1
     return out
 
 
@@ -140,7 +144,6 @@ def fit_recipe(method: str, data: str, user: dict) -> Resolved:
 
     import torch
 
-    from ..machine import usable_cores
     from ..train.auto import CPU_TIME, fitted, profile
     from ..train.trainer import resolve_device, training_source
 

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class CollapseCheck:
-    """`metric` collapsed when `low <= value <= high`; `what` names the collapse, `helps` what usually helps."""
+    """Collapsed when every metric lies within its bounds, `bounds` = ((metric, low, high), ...); the first is the
+    one reported. `what` names the collapse, `helps` what usually helps."""
 
-    metric: str
-    low: float
-    high: float
+    bounds: tuple[tuple[str, float, float], ...]
     what: str
     helps: str
 
+    @property
+    def metric(self) -> str:
+        return self.bounds[0][0]
+
     def holds(self, metrics: dict[str, float]) -> bool:
-        v = metrics.get(self.metric)
-        return v is not None and self.low <= v <= self.high
+        return all(m in metrics and low <= metrics[m] <= high for m, low, high in self.bounds)
 
 
 @dataclass
@@ -44,15 +46,20 @@ class CollapseWarning:
 
 
 class Watchdog:
-    """Counts, per check, the steps in a row it holds; warns once per streak that reaches `patience`."""
+    """Counts, per check, the steps in a row it holds on the monitors' moving averages (`smoothing`: the weight
+    of the past, 0.9: about 10 steps); warns once per streak that reaches `patience`."""
 
-    def __init__(self, checks: list[CollapseCheck], patience: int):
-        self.checks, self.patience = checks, patience
+    def __init__(self, checks: list[CollapseCheck], patience: int, smoothing: float = 0.9):
+        self.checks, self.patience, self.smoothing = checks, patience, smoothing
         self.since: dict[CollapseCheck, int] = {}
         self.warned: set[CollapseCheck] = set()
+        self.average: dict[str, float] = {}
 
     def observe(self, step: int, metrics: dict[str, float]) -> CollapseWarning | None:
-        fired = None
+        for m in {m for c in self.checks for m, _, _ in c.bounds} & metrics.keys():
+            old = self.average.get(m, metrics[m])
+            self.average[m] = self.smoothing * old + (1 - self.smoothing) * metrics[m]
+        metrics, fired = self.average, None
         for c in self.checks:
             if not c.holds(metrics):
                 self.since.pop(c, None)
@@ -70,23 +77,25 @@ class Watchdog:
         return min(self.since.values(), default=None)
 
 
-def teacher_checks(log_k: float, share: float = 0.05) -> list[CollapseCheck]:
-    """DINO's two collapses on the teacher entropy h(P_t) of K prototypes: within `share` of log K (uniform)
-    or of 0 (one prototype)."""
+def teacher_checks(log_k: float) -> list[CollapseCheck]:
+    """DINO's two collapses on the teacher entropy h(P_t) of K prototypes: uniform (h above 0.95 log K while the
+    KL between teacher and student is below 0.03 log K: the student has nothing left to learn) or one prototype
+    (h below 0.05 log K). Measured on MNIST and photos: stuck runs have KL 0.001-0.2 (K = 1024-4096), healthy
+    ones 0.25 and more, and a nearly flat but learning DINOv2 teacher h = 0.945 log K."""
     return [
-        CollapseCheck("teacher_entropy", (1 - share) * log_k, float("inf"),
-                      f"the teacher is uniform over its prototypes (entropy near log K = {log_k:.2f})",
+        CollapseCheck((("teacher_entropy", 0.95 * log_k, float("inf")), ("kl", float("-inf"), 0.03 * log_k)),
+                      f"the teacher is uniform over its prototypes (entropy near log K = {log_k:.2f}, KL near 0)",
                       "BatchNorm in the head (dino.use_bn=true), a lower teacher temperature (teacher.temp=0.04), "
                       "fewer prototypes (dino.out_dim=1024), a lower optim.lr"),
-        CollapseCheck("teacher_entropy", 0.0, share * log_k,
+        CollapseCheck((("teacher_entropy", 0.0, 0.05 * log_k),),
                       "the teacher puts all its mass on one prototype (entropy near 0)",
-                      "keep the centring on, a higher teacher temperature (teacher.temp), a higher "
-                      "dino.center_momentum share of new batches, a lower optim.lr"),
+                      "keep the centring on, a higher teacher temperature (teacher.temp), a lower "
+                      "dino.center_momentum, a lower optim.lr"),
     ]
 
 
 def spread_check(metric: str, dim: int, helps: str) -> CollapseCheck:
     """Normalised embeddings of `dim` dimensions spread with a per-dimension std near 1/sqrt(dim); a constant
     embedding has 0. Collapsed below a tenth of that."""
-    return CollapseCheck(metric, 0.0, 0.1 / dim**0.5,
+    return CollapseCheck(((metric, 0.0, 0.1 / dim**0.5),),
                          f"the embeddings are nearly constant ({metric} below a tenth of 1/sqrt({dim}))", helps)
