@@ -230,7 +230,7 @@ def no_sharpening(**train) -> Config:
     patch 7 and lr 1e-3 on mnist5k, which goes uniform (entropy 6.7 of log K = 6.93, KL 0.2 -> 0.05)."""
     cfg = Config()
     load_recipe(cfg, "dino_mnist5k")
-    apply(cfg, {"backbone": {"patch_size": 7}, "optim": {"lr": 1e-3, "steps": 300},
+    apply(cfg, {"backbone": {"patch_size": 7, "drop_path": 0.1}, "optim": {"lr": 1e-3, "steps": 300},
                 "teacher": {"temp": 0.1, "warmup_temp": 0.1}, "eval": {"final": False},
                 "data": {"num_workers": 0}, "train": {"threads": 1, "collapse_patience": 30, **train}}, "test")
     return cfg
