@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, apply, load_recipe, parse_override, recipe_path, validate
+from ..config import Config, apply, load_recipe, parse_override, validate
 from ..data.builtin import BUILTIN
 from ..machine import process_start, usable_cores
 from ..progress import format_duration
@@ -205,11 +205,6 @@ def table_text(table: dict, cfg: Config) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.run import final_table
-    from ..methods import resolve_init
-    from ..train import distributed
-    from ..train.trainer import Interrupted, Trainer
-
     started = process_start()
     run_log = RunLog()  # holds what is said until the run folder exists
     try:

@@ -8,7 +8,6 @@ trainer restores its state afterwards, so a run with trial steps trains exactly 
 """
 from __future__ import annotations
 
-import logging
 import math
 import statistics
 import tempfile
@@ -22,7 +21,6 @@ from ..bench import PeakMemory, synchronize, synthetic_views
 from ..machine import free_memory, process_memory
 from ..progress import format_duration
 
-log = logging.getLogger("selfsup")
 GiB = 2**30
 WORKER_RESERVE = 0.5 * GiB  # a loader process: its own interpreter and prefetched batches
 
@@ -104,13 +102,18 @@ def time_steps(step, n: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def spread(source, n: int) -> list[int]:
+    """Up to `n` indices evenly spread over `source`."""
+    n = min(n, len(source))
+    return [i * (len(source) // n) for i in range(n)]
+
+
 def load_time(source, multicrop, n: int = 32) -> float:
     """Seconds to decode and multi-crop one image of `source`, in this process."""
-    n = min(n, len(source))
     t = time.perf_counter()
-    samples = [(*source[i * (len(source) // n)], i) for i in range(n)]
+    samples = [(*source[i], i) for i in spread(source, n)]
     multicrop(samples, 0)
-    return (time.perf_counter() - t) / n
+    return (time.perf_counter() - t) / len(samples)
 
 
 def human_bytes(n: float) -> str:
@@ -127,11 +130,11 @@ def synthetic_step(trainer):
 
 def decode_time(source, n: int = 32) -> float:
     """Seconds to read one image of `source` (decoding, for files), in this process."""
-    n = min(n, len(source))
+    picks = spread(source, n)
     t = time.perf_counter()
-    for i in range(n):
-        source[i * (len(source) // n)]
-    return (time.perf_counter() - t) / n
+    for i in picks:
+        source[i]
+    return (time.perf_counter() - t) / len(picks)
 
 
 def matmul_flops(device: torch.device) -> float:
