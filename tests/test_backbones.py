@@ -51,7 +51,7 @@ def test_any_patch_size_registers_and_outputs(patch):
     assert out["x_norm_clstoken"].shape == (2, 192) and out["x_norm_regtokens"].shape == (2, 3, 192)
     assert out["x_norm_patchtokens"].shape == (2, 24, 192) and out["x_prenorm"].shape == (2, 28, 192)
     x = torch.randn(1, 3, 2 * patch, 2 * patch)
-    last = m.get_intermediate_layers(x, n=2)
+    last = m.intermediate_outputs(x, n=2)
     assert len(last) == 2 and torch.allclose(last[-1]["x_norm_clstoken"], m(x), atol=1e-6)
     attn = m.get_last_self_attention(x)
     assert attn.shape == (1, 3, 1 + 3 + 4, 1 + 3 + 4)  # heads, [CLS] + registers + patches
@@ -147,3 +147,21 @@ def test_unknown_backbone_names():
         selfsup.build_backbone("vit_huge")
     with pytest.raises(UserError, match="unknown backbone 'resnet152'"):
         selfsup.build_backbone("resnet152")
+
+
+def test_get_intermediate_layers_as_dinov2_returns_them():
+    """torch.hub's DINOv2 shapes: patch maps [B, D, h, w] and [CLS] [B, D] per block, equal to the forward pass."""
+    torch.manual_seed(0)
+    m = selfsup.build_backbone("vit_tiny", patch_size=8, depth=3, img_size=32, n_registers=2).eval()
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        out = m.forward_features(x)
+        maps = m.get_intermediate_layers(x, n=2, reshape=True, return_class_token=True, norm=True)
+        flat = m.get_intermediate_layers(x, n=[0, 2])
+        raw = m.get_intermediate_layers(x, n=1, norm=False)
+    assert len(maps) == 2 and maps[-1][0].shape == (2, 192, 3, 5) and maps[-1][1].shape == (2, 192)
+    assert torch.allclose(maps[-1][1], out["x_norm_clstoken"], atol=1e-6)
+    patch = out["x_norm_patchtokens"]  # [B, 15, D] in row-major order of the 3 x 5 grid
+    assert torch.allclose(maps[-1][0].permute(0, 2, 3, 1).reshape(2, 15, 192), patch, atol=1e-6)
+    assert isinstance(flat, tuple) and len(flat) == 2 and torch.allclose(flat[1], patch, atol=1e-6)
+    assert torch.allclose(raw[0], out["x_prenorm"][:, 3:], atol=1e-6)  # before the norm, registers left out

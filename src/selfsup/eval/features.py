@@ -125,7 +125,7 @@ def token_features(backbone: nn.Module, x: torch.Tensor, n_last: int = N_LAST) -
 
     if not isinstance(backbone, VisionTransformer):  # a CNN: its pooled feature is the only kind
         return {"cls": backbone(x).unsqueeze(1)}
-    outs = backbone.get_intermediate_layers(x, n=min(n_last, len(backbone.blocks)))
+    outs = backbone.intermediate_outputs(x, n=min(n_last, len(backbone.blocks)))
     return {"cls": torch.stack([o["x_norm_clstoken"] for o in outs], 1),
             "avgpool": outs[-1]["x_norm_patchtokens"].mean(1)}
 

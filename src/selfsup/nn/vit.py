@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from .attention import Attention, Packing
 
 
@@ -254,15 +255,36 @@ class VisionTransformer(nn.Module):
         """The normalised [CLS] token, the image's feature."""
         return self.forward_features(x)["x_norm_clstoken"]
 
-    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1, norm: bool = True) -> list[dict[str, torch.Tensor]]:
-        """Outputs of the last `n` blocks (DINO's linear eval concatenates their [CLS] tokens)."""
+    def intermediate_outputs(self, x: torch.Tensor, n: int | Sequence[int] = 1) -> list[dict[str, torch.Tensor]]:
+        """`_outputs` (normalised [CLS], registers, patches, pre-norm tokens) of the last `n` blocks, or of the
+        blocks whose indices `n` lists."""
+        take = set(range(len(self.blocks) - n, len(self.blocks))) if isinstance(n, int) else set(n)
+        if not take or min(take) < 0 or max(take) >= len(self.blocks):
+            raise ValueError(f"blocks {sorted(take)} requested of a {len(self.blocks)}-block ViT")
         x = self.prepare_tokens(x)
         outs = []
         for i, blk in enumerate(self.blocks):
             x = blk(x)
-            if i >= len(self.blocks) - n:
-                outs.append(self._outputs(x, None) if norm else {"x_prenorm": x})
+            if i in take:
+                outs.append(self._outputs(x, None))
         return outs
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
+                                return_class_token: bool = False, norm: bool = True) -> tuple:
+        """DINOv2's interface (dinov2/models/vision_transformer.py), for dense code written against torch.hub's
+        models: the patch tokens of the last `n` blocks (or of the blocks listed), [B, N, D], or [B, D, h, w]
+        with `reshape`; with `return_class_token`, (patch tokens, [CLS] [B, D]) pairs. Registers are left out."""
+        outs = self.intermediate_outputs(x, n)
+        r = 1 + self.n_registers
+        tokens = [self.norm(o["x_prenorm"]) if norm else o["x_prenorm"] for o in outs]
+        patches = [t[:, r:] for t in tokens]
+        if reshape:
+            b, _, h, w = x.shape
+            gh, gw = h // self.patch_size, w // self.patch_size
+            patches = [p.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for p in patches]
+        if return_class_token:
+            return tuple(zip(patches, [t[:, 0] for t in tokens]))
+        return tuple(patches)
 
     def get_last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Attention weights of the last block [B, heads, N, N] (token order: [CLS], registers, patches)."""
@@ -270,6 +292,14 @@ class VisionTransformer(nn.Module):
         for blk in self.blocks[:-1]:
             x = blk(x)
         return self.blocks[-1].attn.attention_map(self.blocks[-1].norm1(x))
+
+
+def require_vit(backbone: nn.Module, what: str) -> VisionTransformer:
+    """`backbone` if it is a ViT, else a UserError saying that `what` needs patch tokens and self-attention."""
+    if not isinstance(backbone, VisionTransformer):
+        raise UserError(f"{what} needs a ViT backbone (patch tokens and self-attention); this one is "
+                        f"{type(backbone).__name__}")
+    return backbone
 
 
 def vit(arch: str, patch_size: int = 16, depth: int | None = None, **kwargs) -> VisionTransformer:

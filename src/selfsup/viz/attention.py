@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..nn.vit import require_vit
 from .images import prepare
 
 MASS = 0.6  # DINO Fig. 4: keep 60 % of the attention mass
@@ -23,15 +23,6 @@ class AttentionMap:
     image: np.ndarray  # [h, w, 3] in 0..1, what the model saw
     patches: torch.Tensor  # [heads, gh, gw]: [CLS] -> patch attention
     registers: torch.Tensor  # [heads, R]: [CLS] -> register attention
-
-
-def require_vit(backbone: nn.Module, what: str):
-    from ..nn.vit import VisionTransformer
-
-    if not isinstance(backbone, VisionTransformer):
-        raise UserError(f"{what} needs a ViT backbone (patch tokens and self-attention); this one is "
-                        f"{type(backbone).__name__}")
-    return backbone
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import require_vit, upsample
+from ..nn.vit import require_vit
+from .attention import upsample
 from .images import prepare
 
 
