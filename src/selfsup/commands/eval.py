@@ -14,7 +14,7 @@ from ..errors import UserError
 
 def common(p: argparse.ArgumentParser, features: str = "cls") -> None:
     p.add_argument("--checkpoint", required=True, help="a run folder, a checkpoint, a safetensors export")
-    p.add_argument("--data", default="mnist5k", help="labelled data: mnist5k | digits | a folder with class subfolders")
+    p.add_argument("--data", default="mnist5k", help="labelled data: mnist5k | digits | scenes | a folder with class subfolders")
     p.add_argument("--features", default=features,
                    help="cls | cls+avgpool (the average-pooled patch tokens appended) | last4 (the [CLS] of the last "
                         f"4 blocks, concatenated; any lastN) | last4+avgpool (default: {features})")
@@ -25,7 +25,8 @@ def common(p: argparse.ArgumentParser, features: str = "cls") -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate frozen features: knn | linear | lowshot | cluster | retrieval",
+    p = sub.add_parser("eval", help="evaluate frozen features: knn | linear | lowshot | cluster | retrieval | "
+                       "attention-masks | segment | depth | video | copydetect",
                        description="Evaluate a backbone's frozen features on labelled data. Features are computed "
                        "once and cached in the run folder (or beside the checkpoint), keyed by checkpoint and data.")
     protocols = p.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
@@ -76,6 +77,10 @@ def register(sub) -> None:
         "Reports mAP over the full ranking and recall@1/5 (a relevant image among the k nearest).")
     common(retrieval)
     retrieval.set_defaults(run=run_retrieval)
+
+    from .eval_dense import register as register_dense
+
+    register_dense(protocols)
 
 
 def parse_list(text: str, flag: str, kind=int, low: float = 1) -> list:
@@ -128,7 +133,7 @@ def finish(args: argparse.Namespace, protocol: str, result: dict) -> int:
     from ..eval.cache import run_folder, slug
 
     result = {"protocol": protocol, "checkpoint": str(args.checkpoint), "data": args.data,
-              "random_init": args.random_init, "features": args.features, **result}
+              "random_init": args.random_init, **({"features": args.features} if "features" in args else {}), **result}
     run = run_folder(args.checkpoint)
     if run is not None:
         out = run / "eval" / f"{protocol}-{slug(args.data)}{'-random-init' if args.random_init else ''}.json"

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     sections = [
         ("Training curves", "".join(report.figure(p, t) for p, t in curves) or "<p>No metrics.jsonl yet.</p>"),
         ("Final evaluation", report.final_table(run_dir)),
+        ("Dense features: attention masks, segmentation, depth, video, copies", report.dense_section(run_dir)),
         ("FlashAttention on vs off", report.bench_section(run_dir)),
         ("What the backbone attends to", pictures_html),
         ("Configuration", f"<details><summary>config.yaml</summary><pre>"

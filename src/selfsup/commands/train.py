@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config, apply, load_recipe, parse_override, validate
+from ..config import RECIPES, Config, apply, load_recipe, parse_override, validate
 from ..data.builtin import BUILTIN
 from ..machine import process_start, usable_cores
 from ..progress import format_duration
@@ -25,7 +25,8 @@ def register(sub) -> None:
         description="Pretrain a backbone. With no arguments: DINO on a small ViT-tiny on the built-in MNIST 5k, on "
         "the CPU, then the teacher's k-NN accuracy beside random init and raw pixels.",
         epilog="Any config key can be set as key.sub=value, e.g. optim.lr=1e-3 crops.n_local=4 dino.out_dim=4096. "
-        "Without --config, the recipe is <method>_mnist5k for built-in data; for a folder or shards it is fitted to "
+        "Without --config, the recipe is <method>_mnist5k for built-in data (<method>_scenes on scenes, where one "
+        "exists); for a folder or shards it is fitted to "
         "the images (their median short side) and the machine: on a GPU the paper's <method>_imagenet with crops no "
         "larger than the images, on a CPU a small ViT for 10 minutes. Trial steps then fit the batch to the free "
         "memory and print an ETA; train.time (--time) sets the length from the measured speed; the collapse "
@@ -38,7 +39,7 @@ def register(sub) -> None:
     p.add_argument("--method", help="simclr | moco | byol | dino | ibot | dinov2 | distill (default: dino)")
     p.add_argument("--arch", help="backbone: vit_tiny | vit_small | vit_base | vit_large | vit_giant2 | resnet18 | resnet50")
     p.add_argument("--patch-size", type=int, help="ViT patch size")
-    p.add_argument("--data", help="mnist5k | digits | a folder of images | webdataset shards (default: mnist5k)")
+    p.add_argument("--data", help="mnist5k | digits | scenes | a folder of images | webdataset shards (default: mnist5k)")
     p.add_argument("--out", help="run folder (default: runs/<method>-<arch>-<data>, a new one for each run)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="length of the run in epochs")
@@ -84,9 +85,12 @@ def merged(*dicts: dict) -> dict:
     return out
 
 
-def default_recipe(method: str, data: str) -> str:
-    kind = "mnist5k" if data in BUILTIN else "imagenet"
-    return f"{method}_{kind}"
+def default_recipe(method: str, data: str) -> str | None:
+    """The shipped recipe for built-in data (`<method>_scenes` on scenes, else `<method>_mnist5k`); None where the
+    recipe is to be fitted (a folder, shards, or scenes for a method without a scenes recipe)."""
+    if data == "scenes":
+        return f"{method}_scenes" if (RECIPES / f"{method}_scenes.yaml").exists() else None
+    return f"{method}_mnist5k" if data in BUILTIN else None
 
 
 @dataclass
@@ -110,7 +114,7 @@ def resolve_config(args: argparse.Namespace, saved: Path | None = None) -> Resol
     out = Resolved(cfg, args.config or str(saved or ""))
     if saved is not None:
         load_recipe(cfg, str(saved))
-    elif args.config is None and data not in BUILTIN:
+    elif args.config is None and default_recipe(method or "dino", data) is None:
         out = fit_recipe(method or "dino", data, user)
         cfg = out.cfg
     else:
@@ -204,6 +208,16 @@ def table_text(table: dict, cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def attention_text(table: dict) -> str:
+    """The attention-mask Jaccard lines of a run on scenes (DINO Fig. 4)."""
+    lines = ["[CLS] attention masks (60 % of the mass) against the objects of the test scenes, Jaccard:"]
+    for label, key in (("trained", "trained"), ("same architecture, random init", "random_init")):
+        r = table[key]
+        lines.append(f"  {label:<32} best head {r['jaccard_best']:6.2f} %   mean over heads {r['jaccard_mean']:6.2f} %   "
+                     f"on the objects {r['object_mass']:5.1f} % of the attention (they cover {r['object_area']:.1f} %)")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     started = process_start()
     run_log = RunLog()  # holds what is said until the run folder exists
@@ -214,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace, started: float, run_log: RunLog) -> int:
-    from ..eval.run import final_table
+    from ..eval.run import attention_table, final_table
     from ..methods import resolve_init
     from ..train import distributed
     from ..train.trainer import Collapsed, Interrupted, Trainer
@@ -247,9 +261,12 @@ def train(args: argparse.Namespace, started: float, run_log: RunLog) -> int:
         return 0
     table = final_table(trainer.method.backbone(), cfg, trainer.device) if cfg.eval.final else None
     result["knn"] = table
+    result["attention_masks"] = attention_table(trainer.method.backbone(), cfg, trainer.device) if cfg.eval.final \
+        else None
     result["seconds"] = round(time.monotonic() - started, 1)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     said = (f"\n{table_text(table, cfg)}\n" if table is not None else "") + (
+        f"{attention_text(result['attention_masks'])}\n" if result["attention_masks"] else "") + (
         f"\nrun folder: {out}  (backbone.safetensors, checkpoints, metrics.jsonl, config.yaml, results.json, train.log)"
         f"\ntook {format_duration(result['seconds'])}")
     print(said)

@@ -62,6 +62,29 @@ def final_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict 
     }
 
 
+def attention_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict | None:
+    """Jaccard of the 60 %-mass [CLS] attention masks with the objects of the test scenes (DINO Fig. 4), for the
+    trained ViT and the same one at random init; None unless the run's data has object masks (`scenes`)."""
+    from ..data.dense import IGNORE
+    from ..data.scenes import SceneSet
+    from ..nn.vit import VisionTransformer
+    from .attention_masks import attention_jaccard
+    from .dense_features import dense_features
+
+    if (cfg.data.eval_source or cfg.data.source) != "scenes" or not isinstance(backbone, VisionTransformer):
+        return None
+    test = SceneSet("test")
+    torch.manual_seed(cfg.train.seed)
+    out = {}
+    for name, net in (("trained", backbone), ("random_init", backbone_from_config(cfg.backbone, drop_path=0.0))):
+        f = dense_features(net, test, "scenes", "test", cfg.crops.global_size, 1, cfg.crops.mean, cfg.crops.std,
+                           device, FeatureCache(None, ""))
+        r = attention_jaccard(f.attn, (f.mask != 0) & (f.mask != IGNORE), f.mask != IGNORE)
+        out[name] = {**{k: r[k] for k in ("jaccard_best", "jaccard_mean", "best_head", "object_area")},
+                     "object_mass": max(r["object_mass"])}
+    return out
+
+
 class Frozen:
     """Cached frozen features (every kind `features.select` offers) of a labelled source's train and test splits."""
 

@@ -51,12 +51,22 @@ def final_table(run: Path) -> str:
     """The k-NN table `selfsup train` wrote (results.json), then every `selfsup eval` result in eval/."""
     parts = []
     results = run / "results.json"
-    knn = json.loads(results.read_text()).get("knn") if results.exists() else None
+    saved = json.loads(results.read_text()) if results.exists() else {}
+    knn, attention = saved.get("knn"), saved.get("attention_masks")
     if knn:
         names = {"trained": "trained backbone", "random_init": "same architecture, random init",
                  "raw_pixels": "raw pixels"}
         parts.append("<h3>k-NN at the end of training</h3>" + table(
             ["features", "top-1 %", "top-5 %"], [[names.get(k, k), v["top1"], v["top5"]] for k, v in knn.items()]))
+    if attention:
+        names = {"trained": "trained backbone", "random_init": "same architecture, random init"}
+        parts.append("<h3>[CLS] attention masks against the objects of the test scenes (Jaccard, DINO Fig. 4)</h3>"
+                     + table(["backbone", "best head %", "mean over heads %", "attention on the objects %"],
+                             [[names[k], v["jaccard_best"], v["jaccard_mean"], v.get("object_mass", "")]
+                              for k, v in attention.items()])
+                     + "<p class=note>Attention on the objects: the largest share of one head's attention that falls "
+                     "on object pixels; attention blind to the objects puts their share of the area there "
+                     f"({next(iter(attention.values())).get('object_area', 0):.1f} %).</p>")
     rows, probes = [], []
     for f in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
         r = json.loads(f.read_text())
@@ -119,8 +129,41 @@ def headline(r: dict) -> str:
     if p == "lowshot":
         return "; ".join(f"{k}: {v['mean']:.2f} +/- {v['std']:.2f} %" for k, v in r["fractions"].items()) + (
             f" (lambda {r['lambd']:g})" if "lambd" in r else "")
+    if p in DENSE:
+        return DENSE[p](r)
     keys = [k for k in ("acc", "nmi", "ari", "fmi", "map", "recall@1", "recall@5") if k in r]
     return ", ".join(f"{k.upper()} {r[k]:.2f} %" for k in keys)
+
+
+DENSE = {  # the dense protocols' headlines (`selfsup eval attention-masks|segment|depth|video|copydetect`)
+    "attention-masks": lambda r: f"Jaccard best head {r['jaccard_best']:.2f} %, mean over heads {r['jaccard_mean']:.2f} %",
+    "segment": lambda r: f"mIoU {r['miou']:.2f} % (last {r['layers']} block(s) + [CLS])",
+    "depth": lambda r: f"RMSE {r['rmse']:.3f} m (constant guess {r['mean_baseline']:.3f} m)",
+    "video": lambda r: f"J&F {r['jf']:.2f} % (J {r['j']:.2f}, F {r['f']:.2f})",
+    "copydetect": lambda r: f"mAP {r['map']:.2f} %, recall@1 {r['recall1']:.2f} %",
+}
+HEADLINE = {"attention-masks": "jaccard_best", "segment": "miou", "depth": "rmse", "video": "jf", "copydetect": "map"}
+
+
+def dense_section(run: Path) -> str:
+    """The dense protocols side by side, trained against random init, and their pictures (trained backbone)."""
+    found: dict[tuple[str, str], dict] = {}
+    for f in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
+        r = json.loads(f.read_text())
+        if r.get("protocol") in DENSE:
+            found.setdefault((r["protocol"], r.get("data")), {})["random" if r.get("random_init") else "trained"] = r
+    if not found:
+        return ("<p>Not measured yet: <code>selfsup eval attention-masks|segment|depth|video|copydetect --checkpoint "
+                "RUN</code> (each with and without <code>--random-init</code>).</p>")
+    rows, pictures = [], []
+    for (protocol, data), by in found.items():
+        key = HEADLINE[protocol]
+        cells = [by[b][key] if b in by else "" for b in ("trained", "random")]
+        rows.append([protocol, data, key, *cells])
+        if "png" in by.get("trained", {}) and Path(by["trained"]["png"]).exists():
+            pictures.append(figure(Path(by["trained"]["png"]), f"{protocol} on {data}, trained backbone"))
+    lower = "<p class=note>Higher is better, except RMSE (metres).</p>"
+    return table(["protocol", "data", "figure", "trained", "random init"], rows) + lower + "".join(pictures)
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
