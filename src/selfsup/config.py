@@ -276,6 +276,10 @@ class IBOTConfig:
     # masked share of a crop ~ U(0.1, 0.5) (iBOT 0.3 +- 0.2)
     mask_ratio_min_max: tuple[float, float] = checked((0.1, 0.5), Range(0, 1, ordered=True))
     mask_min_aspect: float = checked(0.3, FRACTION)  # BEiT blocks: aspect ratio in [0.3, 1 / 0.3]
+    # whose masking rule: ibot (each global crop masked with mask_sample_probability, smallest block (grid/3)^2;
+    # ibot loader.py) | dinov2 (exactly that share of a batch's global crops, ratios spread evenly over the range,
+    # blocks of 4 to N/2 patches; dinov2 data/collate.py) | auto: the method's own (iBOT: ibot, DINOv2: dinov2)
+    masking: str = checked("auto", OneOf(("auto", "ibot", "dinov2")))
     separate_head: bool = checked(False, ANY)  # iBOT: one head for [CLS] and patches; DINOv2: untied heads
     head_n_prototypes: int = checked(8192, AT_LEAST_1)  # used with separate_head; a shared head uses dino.out_dim
     head_hidden_dim: int = checked(2048, AT_LEAST_1)

@@ -148,7 +148,7 @@ class MultiCrop:
             rng = self.rng(epoch, index)
             g, pg, l, pl = self.crops(img, rng)
             gs.append(g), gp.append(pg), ls.append(l), lp.append(pl)
-            if self.masking is not None:
+            if self.masking is not None and not hasattr(self.masking, "batch"):  # iBOT: a rule per image
                 masks.append(self.masking(rng))
         # crop-major order: all samples' crop 0, then all samples' crop 1, ...
         g_img = torch.stack([gs[b][k] for k in range(c.n_global) for b in range(len(samples))])
@@ -161,6 +161,9 @@ class MultiCrop:
         m = None
         if masks:  # per sample [n_global, h, w] -> crop-major [n_global * B, h, w]
             m = torch.stack(masks, 1).flatten(0, 1)
+        elif self.masking is not None:  # DINOv2: one rule over the batch's global crops (collate.py), seeded by its images
+            m = self.masking.batch(np.random.default_rng([self.seed, epoch, *(int(s[2]) for s in samples)]),
+                                   len(samples))
         labels = torch.tensor([s[1] for s in samples])
         index = torch.tensor([s[2] for s in samples])
         return Views(Crops(g_img, g_par), local, labels, index, m)

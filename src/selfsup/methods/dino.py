@@ -53,6 +53,9 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 class DINO(Method):
     name = "dino"
+    # the prototypes' first epoch(s) (last_layer_params): "grad" drops their gradient (dino utils.py
+    # cancel_gradients_last_layer: no update, no Adam moments, outside the clip norm); "lr" (DINOv2) sets their lr to 0
+    freeze_last_layer_by = "grad"
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

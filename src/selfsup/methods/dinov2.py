@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ..config import Config
 from ..errors import UserError
 from ..train import distributed
+from .dino import update_center
 from .ibot import IBOT
 
 
@@ -47,8 +48,25 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         return -torch.log(dist + eps).mean()
 
 
+@torch.no_grad()
+def update_patch_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+    """DINOv2's patch centre (ibot_patch_loss.py reduce_center_update / apply_center_update, which
+    ssl_meta_arch.py gives the masked rows as one [1, M, K] block): c <- m c + (1 - m) x the mean over ranks of
+    each rank's mean of its rows. Ranks without rows are left out (the reference would average in a NaN)."""
+    rows = teacher_logits.float().reshape(-1, center.shape[-1])
+    has_rows = rows.new_full((1, 1), float(rows.shape[0] > 0))
+    local_mean = rows.mean(0, keepdim=True) if rows.shape[0] else rows.new_zeros(1, center.shape[-1])
+    total = distributed.all_reduce_sum(torch.cat([local_mean, has_rows], dim=1))  # one all-reduce
+    if total[0, -1] > 0:
+        center.mul_(momentum).add_(total[:, :-1] / total[0, -1], alpha=1 - momentum)
+
+
 class DINOv2(IBOT):
     name = "dinov2"
+    masking_rule = "dinov2"  # ibot.masking=auto (dinov2/data/collate.py collate_data_and_cast)
+    # the prototypes' first epoch(s): lr 0, the gradient kept (dinov2 train.py: last_layer_lr_schedule = 0), so
+    # Adam's moments accumulate and the gradient counts in the clip norm
+    freeze_last_layer_by = "lr"
 
     def __init__(self, cfg: Config):
         if cfg.dinov2.centering not in ("sinkhorn_knopp", "centering"):
@@ -60,9 +78,19 @@ class DINOv2(IBOT):
             return sinkhorn_knopp(logits, temp, self.cfg.dinov2.sinkhorn_iterations)
         return super().teacher_probs(logits, center, temp)
 
+    def teacher_patch_logits(self, patch_tokens: torch.Tensor, positions: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINOv2 (ssl_meta_arch.py get_teacher_output): the teacher's patch head runs on the masked tokens
+        only, and the patch centre is updated from those."""
+        logits = self.patch_head(self.teacher)(patch_tokens[positions])
+        return logits, logits
+
     def update_centers(self, cls_logits: torch.Tensor, patch_logits: torch.Tensor) -> None:
+        """Only with dinov2.centering=centering (Sinkhorn-Knopp has no centre): the [CLS] centre as DINO's, the
+        patch centre from the masked rows by DINOv2's rule."""
         if self.cfg.dinov2.centering == "centering":
-            super().update_centers(cls_logits, patch_logits)
+            update_center(self.center, cls_logits, self.cfg.dino.center_momentum)
+            update_patch_center(self.center_patch, patch_logits, self.cfg.ibot.center_momentum)
 
     def regularisers(self, student_global_cls: torch.Tensor) -> dict[str, torch.Tensor]:
         """KoLeo on the backbone's [CLS] before the head, per global crop, summed over the crops (DINOv2

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..data.masking import BlockMasking
+from ..data.masking import BlockMasking, DINOv2Masking
 from ..nn import feature_dim
 from ..nn.heads import DINOHead
 from ..train.schedules import Progress
@@ -38,6 +38,7 @@ class IBOT(DINO):
     patch tokens' own centre and temperature. One head for [CLS] and patches (iBOT), or untied heads."""
 
     name = "ibot"
+    masking_rule = "ibot"  # ibot.masking=auto: whose masking rule (bytedance/ibot loader.py ImageFolderMask)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -61,18 +62,34 @@ class IBOT(DINO):
         return super().last_layer_params() + extra
 
     def masking(self) -> Callable | None:
-        i, c = self.cfg.ibot, self.cfg.crops
+        """The global crops' mask generator by ibot.masking (auto: this method's own rule)."""
+        i, c, size = self.cfg.ibot, self.cfg.crops, self.cfg.crops.global_size
         if i.mask_sample_probability <= 0:
             return None
-        grid = c.global_size // self.cfg.backbone.patch_size
-        return BlockMasking((grid, grid), c.n_global, i.mask_sample_probability, i.mask_ratio_min_max,
-                            i.mask_min_aspect)
+        patch = self.cfg.backbone.patch_size
+        grid = (size // patch, size // patch)
+        if (self.masking_rule if i.masking == "auto" else i.masking) == "ibot":
+            return BlockMasking(grid, c.n_global, i.mask_sample_probability, i.mask_ratio_min_max, i.mask_min_aspect)
+        # dinov2 train.py: max_num_patches = 0.5 * img_size // patch_size * img_size // patch_size
+        return DINOv2Masking(grid, c.n_global, i.mask_sample_probability, i.mask_ratio_min_max, i.mask_min_aspect,
+                             min_block=4, max_block=(0.5 * size // patch) * size // patch)
 
     # ----- the teacher's targets: centring + sharpening here, Sinkhorn-Knopp in DINOv2 -----
     def teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
         return centred_sharpened(logits, center, temp)
 
+    def teacher_patch_logits(self, patch_tokens: torch.Tensor, positions: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the teacher's patch logits at `positions` [M, K], the logits its patch centre is updated from).
+        iBOT (main_ibot.py, iBOTLoss.update_center): the head runs on every patch token and the centre is the
+        mean over all of them, masked or not."""
+        n, n_patches, dim = patch_tokens.shape
+        logits = self.patch_head(self.teacher)(patch_tokens.reshape(n * n_patches, dim)).reshape(n, n_patches, -1)
+        return logits[positions], logits
+
     def update_centers(self, cls_logits: torch.Tensor, patch_logits: torch.Tensor) -> None:
+        """After the loss: the [CLS] centre from the teacher's [CLS] logits, the patch centre from the rows
+        `teacher_patch_logits` chose (iBOT: every patch; the mean over them all, every rank counting alike)."""
         update_center(self.center, cls_logits, self.cfg.dino.center_momentum)
         update_center(self.center_patch, patch_logits, self.cfg.ibot.center_momentum)
 
@@ -96,7 +113,7 @@ class IBOT(DINO):
         with torch.no_grad():  # the teacher sees the global crops unmasked
             t = self.teacher["backbone"].forward_features(batch.global_crops)
             t_cls = self.teacher["head"](t["x_norm_clstoken"])
-            t_patch = self.patch_head(self.teacher)(t["x_norm_patchtokens"][positions])  # DINOv2: masked only
+            t_patch, t_patch_for_center = self.teacher_patch_logits(t["x_norm_patchtokens"], positions)
             p_cls = self.teacher_probs(t_cls, self.center, progress.teacher_temp)
             p_patch = self.teacher_probs(t_patch, self.center_patch, patch_temp)
         crops = [batch.global_crops] + ([batch.local_crops] if batch.local_crops is not None else [])
@@ -107,7 +124,7 @@ class IBOT(DINO):
         s_patch = self.patch_head(self.student)(outs[0]["x_norm_patchtokens"][positions])
         loss_cls = dino_loss(list(s_cls), list(p_cls.chunk(batch.n_global)), d.student_temp)
         loss_mim = masked_patch_loss(s_patch, p_patch, positions, d.student_temp)
-        self.update_centers(t_cls, t_patch)
+        self.update_centers(t_cls, t_patch_for_center)
         extra = self.regularisers(s_cls_tokens[: batch.global_crops.shape[0]])
         loss = d.loss_weight * loss_cls + i.loss_weight * loss_mim + sum(extra.values())
         h = entropy(p_cls)

@@ -205,13 +205,21 @@ class Trainer:
             for b, old in zip(self.method.buffers(), saved):
                 b.copy_(old)
             return None
-        if self.step < self.schedules.freeze_last_layer_steps:  # DINO: no update of the prototypes at first
-            for p in self.method.last_layer_params():
+        frozen = self.method.last_layer_params() if self.step < self.schedules.freeze_last_layer_steps else []
+        by_lr = getattr(self.method, "freeze_last_layer_by", "grad") == "lr"
+        if not by_lr:  # DINO (utils.cancel_gradients_last_layer): no update, no Adam moments, not clipped
+            for p in frozen:
                 p.grad = None
+        # DINOv2 (train.py: last-layer lr 0): the step runs on the gradient, then the weight is put back: exactly
+        # lr 0 for AdamW and SGD, whose moments never see the lr (LARS puts it inside its momentum: not exact)
+        held = [(p, p.detach().clone()) for p in frozen if p.grad is not None] if by_lr else []
         params = [p for m in self.method.student_modules().values() for p in m.parameters() if p.grad is not None]
         if self.cfg.optim.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
         self.optimizer.step()
+        with torch.no_grad():
+            for p, weight in held:
+                p.copy_(weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(progress)
         metrics.update(lr=lr, wd=wd, momentum=progress.momentum)
