@@ -33,7 +33,7 @@ MASKS = "scenes | a VOC or ADE20K folder (JPEGImages/ + SegmentationClass/, or i
 def register(protocols) -> None:
     att = protocols.add_parser(
         "attention-masks", help="Jaccard of each head's 60 %% [CLS] attention mask with the object masks",
-        description="DINO Fig. 4: per head of the last block, the smallest set of patches holding 60 %% of the [CLS] "
+        description="DINO Fig. 4: per head of the last block, the smallest set of patches holding 60 % of the [CLS] "
         "attention, upsampled (nearest) and compared with the ground-truth foreground (every non-background "
         "class) by the Jaccard index, averaged over the test images. Reports the best head and the mean over heads.")
     dense_common(att, "scenes", MASKS)

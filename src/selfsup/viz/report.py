@@ -71,7 +71,7 @@ def final_table(run: Path) -> str:
     for f in sorted((run / "eval").glob("*.json")) if (run / "eval").is_dir() else []:
         r = json.loads(f.read_text())
         backbone = "random init" if r.get("random_init") else "trained"
-        rows.append([r.get("protocol"), r.get("data"), backbone, r.get("features"), headline(r)])
+        rows.append([r.get("protocol"), r.get("data"), backbone, r.get("features") or "", headline(r)])
         if r.get("protocol") == "linear":
             probes.append(f"<h3>Linear probe on <code>{esc(r.get('data'))}</code>, {backbone} backbone</h3>"
                           + linear_table(r))
