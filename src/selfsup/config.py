@@ -325,12 +325,17 @@ class OptimConfig:
     warmup_epochs: float = checked(10.0, NON_NEGATIVE)
     weight_decay: float = checked(0.04, NON_NEGATIVE)  # cosine to weight_decay_end (DINO)
     weight_decay_end: float = checked(0.4, NON_NEGATIVE)
-    clip_grad: float = checked(3.0, NON_NEGATIVE)  # global norm; 0 disables
+    clip_grad: float = checked(3.0, NON_NEGATIVE)  # max gradient norm; 0 disables
+    # auto: the method's reference rule | param: each tensor alone (DINO, iBOT: utils.clip_gradients) | module:
+    # backbone and each head alone (DINOv2: train.py) | global: one norm over all student parameters
+    clip_mode: str = checked("auto", OneOf(("auto", "param", "module", "global")))
+    # a schedule "epoch" of this many steps instead of a pass over the data (DINOv2: OFFICIAL_EPOCH_LENGTH 1250)
+    epoch_length: int | None = checked(None, AT_LEAST_1)
     freeze_last_layer_epochs: float = checked(1.0, NON_NEGATIVE)
     # the epoch counts above are for a run this long; scaled to the run
     schedule_epochs: float | None = checked(100.0, POSITIVE)
     betas: tuple[float, float] = checked((0.9, 0.999), BELOW_1)
-    # weight decay on biases, norms and tokens too (MoCo v2's SGD, torchvision-style)
+    # weight decay on biases and norms too (MoCo v2's SGD, MoCo v3's AdamW); else the method's reference rule
     decay_all: bool = checked(False, ANY)
     layerwise_decay: float = checked(1.0, FRACTION)  # DINOv2: 0.9
     patch_embed_lr_mult: float = checked(1.0, NON_NEGATIVE)  # DINOv2: 0.2

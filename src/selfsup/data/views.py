@@ -85,11 +85,12 @@ def crop_box(rng: np.random.Generator, h: int, w: int, scale: tuple[float, float
 
 
 def resized_crop(img: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
-    """Crop uint8 [3, H, W] to `box`, resize to size x size (bilinear, antialiased), optionally flip."""
+    """Crop uint8 [3, H, W] to `box`, resize to size x size, optionally flip. Bicubic, antialiased as PIL's: DINO,
+    DINOv2 RandomResizedCrop(..., interpolation=BICUBIC) (main_dino.py, data/augmentations.py)."""
     i, j, h, w = box
     x = img[:, i : i + h, j : j + w].unsqueeze(0).float()
     if (h, w) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     if flip:
         x = x.flip(-1)
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
@@ -258,16 +259,17 @@ class Photometric:
 
 
 def eval_transform(img: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """Evaluation view: resize the shorter side to size / 0.875 (DINO), centre crop `size`, normalise.
+    """Evaluation view: resize the shorter side to size / 0.875 (DINO), centre crop `size`, normalise; bicubic
+    (DINO eval_linear.py, DINOv2 data/transforms.py: Resize(256, BICUBIC), CenterCrop(224)).
     Images no larger than `size` (the built-in digits) are simply resized to `size`."""
     x = img.float().unsqueeze(0) / 255.0
     h, w = x.shape[-2:]
     if max(h, w) <= size or h == w == size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     else:
         short = int(round(size / 0.875))
         nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[..., top : top + size, left : left + size]
     m = torch.tensor(mean).view(1, 3, 1, 1)

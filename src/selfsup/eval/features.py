@@ -72,7 +72,7 @@ def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
             x = source.images[i : i + batch].float() / 255.0
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             if x.shape[-1] != size or x.shape[-2] != size:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             yield (x - m) / s, labels[i : i + batch]
         return
     workers = loader_workers(source, batch) if workers is None else workers

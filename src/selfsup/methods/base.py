@@ -74,6 +74,8 @@ class Method(nn.Module):
 
     name: str = ""
     local_batchnorm: bool = False  # True: BatchNorm stays per rank under torchrun (MoCo's shuffling BN)
+    clip_mode: str = "global"  # optim.clip_mode=auto: the reference's gradient clipping (train/optim.clip_gradients)
+    no_decay: str = "ndim"  # which parameters skip weight decay (train/optim.no_weight_decay)
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -56,6 +56,7 @@ class DINO(Method):
     # the prototypes' first epoch(s) (last_layer_params): "grad" drops their gradient (dino utils.py
     # cancel_gradients_last_layer: no update, no Adam moments, outside the clip norm); "lr" (DINOv2) sets their lr to 0
     freeze_last_layer_by = "grad"
+    clip_mode = "param"  # DINO, iBOT utils.clip_gradients: each tensor to clip_grad
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

@@ -67,6 +67,8 @@ class DINOv2(IBOT):
     # the prototypes' first epoch(s): lr 0, the gradient kept (dinov2 train.py: last_layer_lr_schedule = 0), so
     # Adam's moments accumulate and the gradient counts in the clip norm
     freeze_last_layer_by = "lr"
+    clip_mode = "module"  # train/ssl_meta_arch.py: backbone, DINO head and iBOT head each to clip_grad
+    no_decay = "names"  # utils/param_groups.py: bias, norm and gamma
 
     def __init__(self, cfg: Config):
         if cfg.dinov2.centering not in ("sinkhorn_knopp", "centering"):

@@ -1,6 +1,6 @@
-"""Optimiser parameter groups: no weight decay on biases, norms, LayerScale and tokens (unless
-`optim.decay_all`, as MoCo v2); layer-wise lr decay
-(DINOv2: multiplier decay^(L + 1 - layer_id), x0.2 more for the patch embedding)."""
+"""Optimiser parameter groups: weight decay by each method's reference rule (unless `optim.decay_all`, as MoCo);
+layer-wise lr decay (DINOv2: multiplier decay^(L + 1 - layer_id), x0.2 more for the patch embedding); gradient
+clipping by each method's reference rule."""
 from __future__ import annotations
 
 import torch
@@ -11,10 +11,17 @@ from ..errors import UserError
 
 OPTIMIZERS = ("adamw", "lars", "sgd")
 TOKENS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
+NORMS = (nn.LayerNorm, nn.modules.batchnorm._NormBase, nn.GroupNorm)
 
 
-def no_weight_decay(name: str, p: nn.Parameter) -> bool:
-    return p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in TOKENS) or name.endswith(".gamma")
+def no_weight_decay(name: str, p: nn.Parameter, rule: str, in_norm: bool = False) -> bool:
+    """rule "ndim" (DINO, iBOT utils.get_params_groups; SimCLR and BYOL's LARS exclusions): biases and 1-D
+    tensors; "names" (DINOv2 utils/param_groups.py): biases, norms and LayerScale gammas. Tokens and position
+    embeddings decay under both. `in_norm`: the parameter belongs to a normalisation layer (DINOv2 finds those by
+    "norm" in the name, which selfsup's BatchNorm heads lack)."""
+    if rule == "ndim":
+        return p.ndim <= 1 or name.endswith(".bias")
+    return name.endswith(".bias") or "norm" in name or "gamma" in name or in_norm
 
 
 def layer_id(name: str, n_layers: int) -> int:
@@ -26,14 +33,15 @@ def layer_id(name: str, n_layers: int) -> int:
     return n_layers + 1
 
 
-def param_groups(modules: dict[str, nn.Module], cfg: Config) -> list[dict]:
+def param_groups(modules: dict[str, nn.Module], cfg: Config, no_decay: str = "ndim") -> list[dict]:
     """One group per (weight decay or not, lr multiplier). Each group carries `wd_mult` and `lr_mult`, which the
-    trainer multiplies with the scheduled values at every step."""
+    trainer multiplies with the scheduled values at every step. `no_decay`: the rule of `no_weight_decay`."""
     o = cfg.optim
     backbone = modules.get("backbone")
     n_layers = len(getattr(backbone, "blocks", [])) if backbone is not None else 0
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for mod_name, module in modules.items():
+        normed = {id(p) for m in module.modules() if isinstance(m, NORMS) for p in m.parameters()}
         for name, p in module.named_parameters():
             if not p.requires_grad:
                 continue
@@ -43,16 +51,18 @@ def param_groups(modules: dict[str, nn.Module], cfg: Config) -> list[dict]:
                 lr_mult = o.layerwise_decay ** (n_layers + 1 - layer_id(full, n_layers))
             if "patch_embed" in full:
                 lr_mult *= o.patch_embed_lr_mult
-            key = (0.0 if not o.decay_all and no_weight_decay(full, p) else 1.0, lr_mult)
+            exempt = not o.decay_all and no_weight_decay(full, p, no_decay, id(p) in normed)
+            key = (0.0 if exempt else 1.0, lr_mult)
             groups.setdefault(key, []).append(p)
     return [{"params": ps, "wd_mult": wd, "lr_mult": lr, "weight_decay": 0.0} for (wd, lr), ps in groups.items()]
 
 
-def build_optimizer(modules: dict[str, nn.Module], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(modules: dict[str, nn.Module], cfg: Config, device: torch.device,
+                    no_decay: str = "ndim") -> torch.optim.Optimizer:
     name = cfg.optim.optimizer
     if name not in OPTIMIZERS:
         raise UserError(f"optim.optimizer={name!r}: expected one of {', '.join(OPTIMIZERS)}")
-    groups = param_groups(modules, cfg)
+    groups = param_groups(modules, cfg, no_decay)
     if name == "lars":
         from .lars import LARS
 
@@ -69,3 +79,19 @@ def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: floa
     for g in optimizer.param_groups:
         g["lr"] = lr * g["lr_mult"]
         g["weight_decay"] = weight_decay * g["wd_mult"]
+
+
+def clip_gradients(modules: dict[str, nn.Module], max_norm: float, mode: str) -> None:
+    """Clip the gradients that exist (a frozen last layer under DINO's rule has none). "param": each tensor to
+    `max_norm` alone (DINO, iBOT utils.clip_gradients: scale max_norm / (norm + 1e-6) where below 1); "module":
+    one norm per network, backbone and each head (DINOv2 train/ssl_meta_arch.py, clip_grad_norm_ per student
+    module); "global": one norm over them all."""
+    groups = {k: [p for p in m.parameters() if p.grad is not None] for k, m in modules.items()}
+    if mode == "param":
+        for p in (p for ps in groups.values() for p in ps):  # min(scale, 1): no host sync per tensor
+            p.grad.mul_((max_norm / (p.grad.norm(2) + 1e-6)).clamp(max=1.0))
+    elif mode == "module":
+        for ps in groups.values():
+            torch.nn.utils.clip_grad_norm_(ps, max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_([p for ps in groups.values() for p in ps], max_norm)

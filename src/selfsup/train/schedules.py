@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, OptimConfig
 
 
 def cosine(start: float, end: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> np.ndarray:
@@ -39,6 +39,13 @@ def scaled_lr(cfg: Config, world_batch: int) -> float:
     if o.lr_scaling == "sqrt":
         return o.lr * math.sqrt(world_batch / o.lr_base_batch)
     return o.lr
+
+
+def run_length(o: OptimConfig, steps_per_pass: int) -> tuple[int, int]:
+    """(total steps, steps of a schedule epoch). An epoch is a pass over the data, or `optim.epoch_length` steps
+    where set (DINOv2 train/train.py: OFFICIAL_EPOCH_LENGTH = 1250 iterations, whatever the data set)."""
+    epoch = o.epoch_length or steps_per_pass
+    return (o.steps if o.steps else max(1, int(round(o.epochs * epoch)))), epoch
 
 
 @dataclass

@@ -25,11 +25,11 @@ from ..methods.base import Batch, Method
 from ..nn.attention import set_attention_backend
 from . import distributed
 from .checkpoint import last_before, latest, load_latest, rng_state, save_checkpoint, set_rng_state
-from .optim import build_optimizer, set_schedule
+from .optim import build_optimizer, clip_gradients, set_schedule
 from ..progress import format_duration
 from .plan import human_bytes, is_out_of_memory, plan_run
 from .runlog import RunLog
-from .schedules import Progress, Schedules
+from .schedules import Progress, Schedules, run_length
 from .watchdog import Watchdog
 
 log = logging.getLogger("selfsup")
@@ -112,7 +112,7 @@ class Trainer:
         self.photometric = Photometric(cfg.crops)
         self.model = distributed.wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
         self.sharded = distributed.sharded(self.method)
-        self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device)
+        self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device, self.method.no_decay)
         self.run_log = run_log or RunLog()
         self.watchdog = Watchdog(self.method.collapse_checks(), cfg.train.collapse_patience)
         self.eval_s = 0.0  # the final evaluation's expected seconds (from the trial steps)
@@ -128,9 +128,9 @@ class Trainer:
         """Batches, run length and schedules from the config (again after the trial steps change them)."""
         cfg, o = self.cfg, self.cfg.optim
         self.batches = make_batches(self.source, self.multicrop, o.batch_size, self.rank, self.world, cfg.train.seed)
-        self.steps_per_epoch = len(self.batches)
-        self.total_steps = o.steps if o.steps else max(1, int(round(o.epochs * self.steps_per_epoch)))
-        self.schedules = Schedules.build(cfg, self.total_steps, self.steps_per_epoch)
+        self.steps_per_epoch = len(self.batches)  # a pass over the data: checkpoints and the loader's epochs
+        self.total_steps, schedule_epoch = run_length(o, self.steps_per_epoch)
+        self.schedules = Schedules.build(cfg, self.total_steps, schedule_epoch)
 
     # ----- state -----
     def state(self) -> dict:
@@ -155,7 +155,7 @@ class Trainer:
         method_state, rng, self.step = saved
         self.method.load_state_dict(method_state)
         set_rng_state(rng)
-        self.optimizer = build_optimizer(self.method.student_modules(), self.cfg, self.device)
+        self.optimizer = build_optimizer(self.method.student_modules(), self.cfg, self.device, self.method.no_decay)
 
     def checkpoint(self) -> Path | None:
         """Rank 0 writes; under FSDP every rank first helps gather the state. While a collapse monitor holds,
@@ -213,9 +213,10 @@ class Trainer:
         # DINOv2 (train.py: last-layer lr 0): the step runs on the gradient, then the weight is put back: exactly
         # lr 0 for AdamW and SGD, whose moments never see the lr (LARS puts it inside its momentum: not exact)
         held = [(p, p.detach().clone()) for p in frozen if p.grad is not None] if by_lr else []
-        params = [p for m in self.method.student_modules().values() for p in m.parameters() if p.grad is not None]
         if self.cfg.optim.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+            mode = self.cfg.optim.clip_mode
+            clip_gradients(self.method.student_modules(), self.cfg.optim.clip_grad,
+                           self.method.clip_mode if mode == "auto" else mode)
         self.optimizer.step()
         with torch.no_grad():
             for p, weight in held:
@@ -266,9 +267,12 @@ class Trainer:
             save(cfg, self.out / "config.yaml")  # as planned: a resumed run continues this plan
         if cfg.train.compile:
             self.model = torch.compile(self.model)
-        log.info("%s on %s: %d images, batch %d, %d steps (%.1f epochs), device %s", cfg.method, self.source.name,
-                 len(self.source), cfg.optim.batch_size, self.total_steps, self.total_steps / self.steps_per_epoch,
-                 self.device)
+        passes = self.total_steps / self.steps_per_epoch
+        epochs = f"{passes:.1f} epochs" if not cfg.optim.epoch_length else (
+            f"{self.total_steps / cfg.optim.epoch_length:.1f} epochs of {cfg.optim.epoch_length} steps, "
+            f"{passes:.1f} passes over the data")
+        log.info("%s on %s: %d images, batch %d, %d steps (%s), device %s", cfg.method, self.source.name,
+                 len(self.source), cfg.optim.batch_size, self.total_steps, epochs, self.device)
         if self.step_s:
             train_s = (self.total_steps - self.step) * self.step_s
             log.info("ETA %s: %d steps at %.0f img/s (%s) + final evaluation (~%s), ending about %s",

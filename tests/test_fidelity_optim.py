@@ -1,0 +1,145 @@
+"""Optimisation around the losses, each against its reference restated plainly: gradient clipping (dino and ibot
+utils.clip_gradients; dinov2 train/ssl_meta_arch.py, one clip_grad_norm_ per student module), weight decay
+exemptions (dino utils.get_params_groups; dinov2 utils/param_groups.py), DINOv2's fixed-length epoch (train/train.py
+OFFICIAL_EPOCH_LENGTH) and bicubic resizing (main_dino.py, dinov2 data/augmentations.py and transforms.py)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfsup.config import Config, load_recipe
+from selfsup.data.views import resized_crop
+from selfsup.methods import build_method
+from selfsup.train.optim import build_optimizer, clip_gradients
+from selfsup.train.schedules import Schedules, run_length
+from tiny import tiny_config
+
+IBOT_HEADS = {"head_n_prototypes": 128, "head_hidden_dim": 32, "head_bottleneck_dim": 16, "separate_head": True}
+
+
+def with_random_grads(method, seed: int = 0) -> dict[str, torch.nn.Module]:
+    g = torch.Generator().manual_seed(seed)
+    modules = method.student_modules()
+    for m in modules.values():
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * float(torch.rand(1, generator=g)) * 10
+    return modules
+
+
+def grads(modules) -> dict[str, torch.Tensor]:
+    return {f"{k}.{n}": p.grad.clone() for k, m in modules.items() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def dino_clip_gradients(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """utils.clip_gradients as DINO and iBOT write it: each parameter's gradient on its own."""
+    out = {}
+    for name, g in grads.items():
+        clip_coef = clip / (g.norm(2).item() + 1e-6)
+        out[name] = g * clip_coef if clip_coef < 1 else g
+    return out
+
+
+def module_clip(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """torch's clip_grad_norm_ once per student module (the name's first part), as DINOv2 calls it."""
+    out = {}
+    for module in {n.split(".")[0] for n in grads}:
+        names = [n for n in grads if n.split(".")[0] == module]
+        total = torch.linalg.vector_norm(torch.stack([grads[n].norm(2) for n in names]))
+        coef = min(clip / (total.item() + 1e-6), 1.0)
+        out.update({n: grads[n] * coef for n in names})
+    return out
+
+
+@pytest.mark.parametrize("method,mode,ref", [("dino", "param", dino_clip_gradients), ("ibot", "param", dino_clip_gradients),
+                                             ("dinov2", "module", module_clip)])
+def test_each_method_clips_as_its_reference_tensor_by_tensor(method, mode, ref):
+    m = build_method(tiny_config(method, ibot=IBOT_HEADS))
+    assert m.clip_mode == mode
+    modules = with_random_grads(m)
+    before = grads(modules)
+    clip_gradients(modules, 3.0, m.clip_mode)
+    expected = ref(before, 3.0)
+    after = grads(modules)
+    assert sum(not torch.equal(before[n], expected[n]) for n in before) > 5  # the clip did act
+    for n in before:
+        torch.testing.assert_close(after[n], expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_distillation_follows_dinov2():
+    from selfsup.methods.distill import Distill
+
+    assert (Distill.clip_mode, Distill.no_decay) == ("module", "names")
+
+
+def test_global_clip_is_one_norm_over_everything_and_differs_from_per_tensor():
+    m = build_method(tiny_config("dino"))
+    modules = with_random_grads(m)
+    before = grads(modules)
+    clip_gradients(modules, 3.0, "global")
+    total = torch.linalg.vector_norm(torch.stack([g.norm(2) for g in before.values()])).item()
+    for n, g in grads(modules).items():
+        torch.testing.assert_close(g, before[n] * min(3.0 / (total + 1e-6), 1.0))
+    per_tensor = dino_clip_gradients(before, 3.0)
+    assert any(not torch.allclose(g, per_tensor[n]) for n, g in grads(modules).items())
+
+
+def decay_multipliers(method: str, **extra) -> dict[str, float]:
+    cfg = tiny_config(method, ibot=IBOT_HEADS, backbone={"layerscale": 1e-5, "n_registers": 2}, **extra)
+    m = build_method(cfg)
+    modules = m.student_modules()
+    opt = build_optimizer(modules, cfg, torch.device("cpu"), m.no_decay)
+    by_id = {id(p): g["wd_mult"] for g in opt.param_groups for p in g["params"]}
+    return {f"{k}.{n}": by_id[id(p)] for k, mod in modules.items() for n, p in mod.named_parameters() if p.requires_grad}
+
+
+def test_dino_and_ibot_exempt_only_biases_and_1d_tensors():
+    for method in ("dino", "ibot"):
+        mults = decay_multipliers(method)
+        params = {f"{k}.{n}": p for k, mod in build_method(tiny_config(method, ibot=IBOT_HEADS, backbone={
+            "layerscale": 1e-5, "n_registers": 2})).student_modules().items() for n, p in mod.named_parameters()}
+        for name, mult in mults.items():  # dino utils.get_params_groups
+            assert mult == (0.0 if name.endswith(".bias") or params[name].ndim == 1 else 1.0), name
+        assert mults["backbone.cls_token"] == mults["backbone.pos_embed"] == mults["backbone.mask_token"] == 1.0
+
+
+def test_dinov2_exempts_bias_norm_and_gamma_by_name():
+    mults = decay_multipliers("dinov2")
+    for name, mult in mults.items():  # dinov2 utils/param_groups.py get_params_groups_with_decay
+        assert mult == (0.0 if name.endswith(".bias") or "norm" in name or "gamma" in name else 1.0), name
+    assert mults["backbone.register_tokens"] == mults["backbone.cls_token"] == 1.0
+    assert mults["backbone.blocks.0.ls1.gamma"] == 0.0
+
+
+def test_decay_all_decays_everything():
+    assert set(decay_multipliers("dino", optim={"steps": 5, "batch_size": 8, "warmup_epochs": 0.0,
+                                               "decay_all": True}).values()) == {1.0}
+
+
+def test_dinov2_imagenet_schedule_milestones_in_official_epochs():
+    cfg = Config()
+    load_recipe(cfg, "dinov2_imagenet")
+    per_pass = 1_281_167 // cfg.optim.batch_size  # ImageNet-1k at batch 2048: 625 steps a pass
+    total, epoch = run_length(cfg.optim, per_pass)
+    assert (total, epoch) == (100 * 1250, 1250)
+    s = Schedules.build(cfg, total, epoch)
+    warmup = 10 * 1250  # the reference: lr warm-up 10 epochs, teacher temp 30, last layer frozen 1, of 1250 its
+    assert int(np.argmax(s.lr)) == warmup and s.lr[warmup - 1] < s.lr[warmup]
+    assert s.teacher_temp[30 * 1250 - 1] < 0.07 and s.teacher_temp[30 * 1250] == pytest.approx(0.07)
+    assert s.freeze_last_layer_steps == 1250
+    assert s.momentum[-1] == pytest.approx(1.0) and len(s.lr) == 125_000
+    cfg.optim.epoch_length = None  # without it an epoch is a pass: half the reference's steps
+    assert run_length(cfg.optim, per_pass) == (62_500, 625)
+
+
+@pytest.mark.parametrize("size", [96, 224, 600])
+def test_resized_crops_are_pil_bicubic(size):
+    from skimage import data
+
+    img = data.astronaut()
+    ours = resized_crop(torch.from_numpy(img).permute(2, 0, 1).contiguous(), (10, 20, 400, 380), size, False)
+    ours = ours.permute(1, 2, 0).numpy().astype(int)
+    crop = Image.fromarray(img).crop((20, 10, 400, 410))
+    bicubic = abs(ours - np.asarray(crop.resize((size, size), Image.BICUBIC)).astype(int))
+    bilinear = abs(ours - np.asarray(crop.resize((size, size), Image.BILINEAR)).astype(int))
+    assert bicubic.mean() < 0.3 and bicubic.max() <= 6  # torch's antialiased bicubic is PIL's up to rounding
+    assert bilinear.mean() > 0.9
