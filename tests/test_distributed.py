@@ -1,4 +1,5 @@
-"""Two processes (gloo, CPU) with batch B/2 each must train exactly like one process with batch B.
+"""Two processes (gloo, CPU) with batch B/2 each must train exactly like one process with batch B, stochastic
+depth included (each sample draws its drop path by its row in the global batch).
 
 All multi-process cases run in one spawn of two workers (process start-up is the slow part on a shared CPU);
 each worker trains every case, then saves what its rank ended with, and the tests compare.
@@ -20,16 +21,38 @@ from PIL import Image
 from torch import nn
 
 from selfsup.cli import main
+from selfsup.config import Config, load_recipe
 from selfsup.train import distributed
 from selfsup.train.trainer import Interrupted, Trainer
 from tiny import ARGS, losses, tiny_config
 
+
+def shipped_drop_path(recipe: str, depth: int = 2) -> dict:
+    """The stochastic depth a recipe ships (rate, linear or uniform over depth), on the tiny ViT with `depth`
+    blocks (DINO's linear rule gives the first block 0: one block would never drop)."""
+    cfg = Config()
+    load_recipe(cfg, recipe)
+    return {"depth": depth, "drop_path": cfg.backbone.drop_path, "drop_path_uniform": cfg.backbone.drop_path_uniform}
+
+
+DINO_DROP = shipped_drop_path("dino_imagenet")  # 0.1, linear: the last block's plain per-sample masks
+DINOV2_DROP = shipped_drop_path("dinov2_imagenet")  # 0.3, uniform: above 0.1 the kept subset (efficient variant)
 STEPS = 5
 CASES = {
-    "dino": tiny_config("dino", STEPS, dino={"use_bn": True}),  # BatchNorm in the head: batch statistics over all ranks
+    # BatchNorm in the head: batch statistics over all ranks
+    "dino": tiny_config("dino", STEPS, dino={"use_bn": True}, backbone=DINO_DROP),
+    # the DINOv2 method with its recipe's drop path. Left out, as they depend on the rank's batch by the reference's
+    # design: KoLeo (nearest neighbours within each rank's batch) and DINOv2's masking rule (over each rank's
+    # batch, as dinov2/data/collate.py per GPU); iBOT's per-image rule masks the same crops on any number of ranks
+    "dinov2": tiny_config("dinov2", STEPS, backbone={**DINOV2_DROP, "layerscale": 0.1, "n_registers": 1},
+                          ibot={"separate_head": True, "masking": "ibot", "head_n_prototypes": 128,
+                                "head_hidden_dim": 32, "head_bottleneck_dim": 16},
+                          dinov2={"koleo_loss_weight": 0.0}),
     "simclr": tiny_config("simclr", STEPS, crops={"n_local": 0}),
-    # FSDP2: each rank holds half of every parameter; checkpointed at step 3, resumed from it for steps 4-5
-    "dino_fsdp": tiny_config("dino", STEPS, train={"distributed": "fsdp", "checkpoint_every": 3}),
+    # FSDP2: each rank holds half of every parameter; checkpointed at step 3, resumed from it for steps 4-5 (the
+    # resumed steps draw their drop path again alike); rate 0.4, uniform: the kept subset under FSDP
+    "dino_fsdp": tiny_config("dino", STEPS, train={"distributed": "fsdp", "checkpoint_every": 3},
+                             backbone={"depth": 2, "drop_path": 0.4, "drop_path_uniform": True}),
     # MoCo v2's shuffling BN on a ResNet: per-rank BatchNorm over 2 groups of 4, keys shuffled across the ranks
     "moco_shuffle_bn": tiny_config("moco", STEPS, crops={"n_local": 0}, backbone={"arch": "resnet18", "cifar_stem": True},
                                    moco={"version": 2, "shuffle_bn": 2, "hidden_dim": 32, "out_dim": 16, "queue_size": 32}),
@@ -127,6 +150,17 @@ def test_two_ranks_train_like_one_process(runs, name):
     # on a loss of ~7 seen on an AMD EPYC); a real difference (statistics or keys of the wrong rank) is ~1e-2
     assert list(l2.values()) == pytest.approx(list(l1.values()), rel=1e-4, abs=1e-6)
     assert len(set(l1.values())) == STEPS  # the steps really differ (a constant would also "match")
+
+
+def test_the_cases_drop_paths_plain_and_efficient():
+    """The equivalence above covers stochastic depth: DINO's per-sample masks (rate <= 0.1) and the kept subset
+    (rate > 0.1) of DINOv2 and of the FSDP case, on blocks that do drop (the tiny ViT has 2)."""
+    from selfsup.nn import backbone_from_config
+
+    rates = {name: [b.drop_path for b in backbone_from_config(CASES[name].backbone).blocks]
+             for name in ("dino", "dinov2", "dino_fsdp")}
+    assert 0 < max(rates["dino"]) <= 0.1
+    assert min(rates["dinov2"]) > 0.1 and min(rates["dino_fsdp"]) > 0.1
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from . import sample_rng
 from .attention import Attention, Packing
 
 
@@ -34,6 +35,16 @@ VIT_SIZES = {
 }
 
 
+def keep_mask(sizes: Sequence[int], keep: float, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample Bernoulli(keep) draws [sum(sizes)] (like's dtype and device) for groups of `sizes` samples. In a
+    training step (`sample_rng.sample_streams`) each sample draws by its row in the global batch, so that any
+    number of ranks draws what one process does; else from the torch RNG."""
+    streams = sample_rng.active()
+    if streams is None:
+        return like.new_empty(sum(sizes)).bernoulli_(keep)
+    return sample_rng.to_device(streams.keep_mask(sizes, keep), like.device).to(like.dtype)
+
+
 def drop_path(x: torch.Tensor, rate: float, training: bool, packing: Packing | None = None) -> torch.Tensor:
     """Stochastic depth (Huang et al.): drop the residual branch of a whole sample, rescale the rest.
     x: [B, ...], or packed [T, C] tokens whose samples `packing` describes."""
@@ -41,19 +52,28 @@ def drop_path(x: torch.Tensor, rate: float, training: bool, packing: Packing | N
         return x
     keep = 1.0 - rate
     if packing is None:
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        mask = keep_mask([x.shape[0]], keep, x).view((x.shape[0],) + (1,) * (x.ndim - 1))
     else:
         tokens = torch.tensor([n for b, n in packing.shapes for _ in range(b)], device=x.device)
-        mask = x.new_empty(len(tokens)).bernoulli_(keep).repeat_interleave(tokens).unsqueeze(-1)
+        mask = keep_mask([b for b, _ in packing.shapes], keep, x).repeat_interleave(tokens).unsqueeze(-1)
     return x * mask / keep
 
 
 def sample_subset(packing: Packing, rate: float, device: torch.device) -> tuple[list[torch.Tensor], list[float]]:
     """Efficient stochastic depth (DINOv2 layers/block.py): in each group of B samples keep a random subset of
     k = max(int(B (1 - rate)), 1), whose branch is scaled by B / k so that the sum stays unbiased. Returns the
-    kept samples' indices and the scale, per group."""
-    kept = [torch.randperm(b, device=device)[: max(int(b * (1.0 - rate)), 1)] for b, _ in packing.shapes]
-    return kept, [b / len(k) for (b, _), k in zip(packing.shapes, kept)]
+    kept samples' indices and the scale, per group.
+
+    In a training step (`sample_rng.sample_streams`) B and the subset are those of the group's global batch over
+    all ranks, and each rank keeps the kept samples it holds: any number of ranks adds each sample's branch as one
+    process does. A rank holding none of them runs the branch on one sample scaled by 0 (adding nothing), so
+    that every rank runs the same modules (DDP, FSDP)."""
+    streams = sample_rng.active()
+    if streams is None:
+        kept = [torch.randperm(b, device=device)[: max(int(b * (1.0 - rate)), 1)] for b, _ in packing.shapes]
+        return kept, [b / len(k) for (b, _), k in zip(packing.shapes, kept)]
+    kept, scales = streams.subset([b for b, _ in packing.shapes], rate)
+    return list(sample_rng.to_device(torch.cat(kept), device).split([len(k) for k in kept])), scales
 
 
 class LayerScale(nn.Module):

@@ -23,6 +23,7 @@ from ..machine import free_memory, process_memory
 from ..methods import build_method
 from ..methods.base import Batch, Method
 from ..nn.attention import set_attention_backend
+from ..nn.sample_rng import sample_streams
 from . import distributed
 from .checkpoint import last_before, latest, load_latest, rng_state, save_checkpoint, set_rng_state
 from .optim import build_optimizer, clip_gradients, set_schedule
@@ -66,7 +67,8 @@ def training_source(spec: str):
 
 
 def step_seed(seed: int, step: int) -> int:
-    """The torch seed of one step (drop path, masking noise): a resumed run repeats it exactly."""
+    """The seed of one step (the torch RNG, and the per-sample streams of drop path): a resumed run repeats it
+    exactly."""
     return (seed * 1_000_003 + step * 7919 + 12345) % (2**63)
 
 
@@ -193,10 +195,13 @@ class Trainer:
         lr = float(self.schedules.lr[self.step])
         wd = float(self.schedules.weight_decay[self.step])
         set_schedule(self.optimizer, lr, wd)
-        torch.manual_seed(step_seed(self.cfg.train.seed, self.step))
+        seed = step_seed(self.cfg.train.seed, self.step)
+        torch.manual_seed(seed)
         batch = self.batch(views)
         saved = [b.detach().clone() for b in self.method.buffers()]  # DINO's centre, BatchNorm statistics
-        with autocast(self.device, self.cfg.train.precision):
+        # per-sample draws (drop path) by each sample's row in the global batch: any number of ranks, one run
+        with sample_streams(seed, views.batch_size, self.rank, self.world), \
+                autocast(self.device, self.cfg.train.precision):
             out = self.model(batch, progress)
         out["loss"].backward()  # on every rank, even for a non-finite loss: DDP averages the gradients of all
         metrics = self.reduce_metrics(out)
