@@ -195,6 +195,14 @@ class BackboneConfig:
     ffn: str = checked("mlp", OneOf(("mlp", "swiglu")))
     n_registers: int = checked(0, NON_NEGATIVE)  # DINOv2 "Vision Transformers Need Registers"
     qkv_bias: bool = checked(True, ANY)
+    num_heads: int | None = checked(None, AT_LEAST_1)  # override the arch's attention heads (MoCo v3's ViT-S: 12)
+    # ViT position embedding: learned (DINO, DINOv2) | sincos: fixed 2-D sin-cos, not trained (MoCo v3 vits.py)
+    pos_embed: str = checked("learned", OneOf(("learned", "sincos")))
+    # ViT patch projection kept at its random init, no gradient (MoCo v3's --stop-grad-conv1)
+    freeze_patch_embed: bool = checked(False, ANY)
+    # ViT init: trunc_normal (DINO, DINOv2: Linears N(0, 0.02) truncated) | xavier (MoCo v3 vits.py: Xavier-uniform
+    # Linears with Q, K, V as three matrices and Xavier-uniform patch projection, zero biases)
+    init: str = checked("trunc_normal", OneOf(("trunc_normal", "xavier")))
     # position-embedding resize: bicubic by a factor (n + offset) / M (DINO, DINOv2), or with offset 0 to the
     # size, antialiased (DINOv2's register models)
     interpolate_antialias: bool = checked(False, ANY)

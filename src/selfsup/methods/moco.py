@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import VIT_ARCHS, Config
 from ..errors import UserError
 from ..nn.heads import ProjectionMLP
 from ..train import distributed
@@ -44,7 +44,11 @@ class MoCo(MomentumSiamese):
         def projector(d: int) -> nn.Module:  # v3: BN in every layer, the last without affine; v2: no BN
             return ProjectionMLP(d, m.hidden_dim, m.out_dim, m.n_layers, bn=v3, last_bn=v3)
 
-        predictor = ProjectionMLP(m.out_dim, m.pred_hidden_dim, m.out_dim, 2) if v3 else nn.Identity()
+        # v3 (builder.py `_build_mlp`): no Linear has a bias; the predictor ends with a BN without affine after a
+        # ViT (MoCo_ViT), not after a ResNet (MoCo_ResNet)
+        vit_pred = cfg.backbone.arch in VIT_ARCHS
+        predictor = (ProjectionMLP(m.out_dim, m.pred_hidden_dim, m.out_dim, 2, last_bn=vit_pred, bias=False) if v3
+                     else nn.Identity())
         super().__init__(cfg, projector, predictor)
         # shuffling BN: this rank's share of the groups, each with its own BatchNorm statistics (local_batchnorm:
         # not synchronised across ranks, as on MoCo's GPUs); the keys' permutation is drawn from a generator every

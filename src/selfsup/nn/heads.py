@@ -49,17 +49,18 @@ class DINOHead(nn.Module):
 class ProjectionMLP(nn.Module):
     """The projector / predictor of SimCLR, MoCo and BYOL: n_layers Linear layers, each hidden one followed by
     BatchNorm (if `bn`) and ReLU. `last_bn` ends with a BatchNorm without affine parameters (SimCLR's and
-    MoCo v3's projectors); Linear layers followed by BatchNorm have no bias (MoCo v3's `_build_mlp`)."""
+    MoCo v3's projectors); Linear layers followed by BatchNorm have no bias, and with `bias=False` none has
+    (MoCo v3's `_build_mlp`)."""
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_layers: int = 2, bn: bool = True,
-                 last_bn: bool = False):
+                 last_bn: bool = False, bias: bool = True):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (n_layers - 1) + [out_dim]
         layers: list[nn.Module] = []
         for i in range(n_layers):
             last = i == n_layers - 1
             followed_by_bn = (bn and not last) or (last and last_bn)
-            layers.append(nn.Linear(dims[i], dims[i + 1], bias=not followed_by_bn))
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=bias and not followed_by_bn))
             if not last:
                 layers += [nn.BatchNorm1d(dims[i + 1])] if bn else []
                 layers.append(nn.ReLU(inplace=True))

@@ -159,6 +159,20 @@ class Block(nn.Module):
         return self.residual(x, lambda y, p: self.ls2(self.mlp(self.norm2(y))), packing)
 
 
+def sincos_pos_embed(side: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's fixed 2-D sin-cos position embedding (vits.py `build_2d_sincos_position_embedding`) for a
+    side x side patch grid, [1, 1 + side^2, dim]: zeros at [CLS], then for the patch in row r and column c (tokens
+    row-major) [sin(r w), cos(r w), sin(c w), cos(c w)], w_i = temperature^(-i / (dim / 4)) for i < dim / 4."""
+    if dim % 4:
+        raise UserError(f"a sin-cos position embedding needs a width divisible by 4 (this ViT is {dim} wide)")
+    quarter = dim // 4
+    freqs = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    cell = torch.arange(side * side, dtype=torch.float32)
+    row, col = torch.outer(cell.div(side, rounding_mode="floor"), freqs), torch.outer(cell % side, freqs)
+    patches = torch.cat([row.sin(), row.cos(), col.sin(), col.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), patches]).unsqueeze(0)
+
+
 class VisionTransformer(nn.Module):
     def __init__(
         self,
@@ -180,6 +194,8 @@ class VisionTransformer(nn.Module):
         in_chans: int = 3,
         drop_path_efficient: bool = True,
         packing: bool = True,
+        pos_embed: str = "learned",
+        freeze_patch_embed: bool = False,
     ):
         super().__init__()
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
@@ -188,9 +204,16 @@ class VisionTransformer(nn.Module):
         self.interpolate_antialias, self.interpolate_offset = interpolate_antialias, interpolate_offset
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        # MoCo v3's stop-grad-conv1: the patch projection stays at its random init
+        self.patch_embed.proj.requires_grad_(not freeze_patch_embed)
         n_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, embed_dim))
+        if pos_embed not in ("learned", "sincos"):
+            raise UserError(f"pos_embed={pos_embed!r}: expected learned or sincos")
+        # sincos: fixed (MoCo v3), a Parameter without gradient under the same key as a learned one, so checkpoints,
+        # exports and official weights keep their names and the resize below serves both
+        self.pos_embed_kind = pos_embed
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, embed_dim), requires_grad=pos_embed == "learned")
         self.register_tokens = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         # DINO: rate linear over depth; DINOv2: uniform (plain Python, so the model also builds on the meta device)
@@ -203,7 +226,11 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.pos_embed_kind == "sincos":
+            with torch.no_grad():
+                self.pos_embed.copy_(sincos_pos_embed(math.isqrt(self.pos_embed.shape[1] - 1), self.embed_dim))
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)  # DINOv2
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
@@ -215,7 +242,7 @@ class VisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, h: int, w: int) -> torch.Tensor:
         """The position embedding for an h x w image: bicubic resize of the patch grid (DINOv2 semantics:
-        scale factor (n + offset) / M, or antialiased resize to size when offset is 0)."""
+        scale factor (n + offset) / M, or antialiased resize to size when offset is 0), learned or sin-cos alike."""
         pos = self.pos_embed
         n_grid = pos.shape[1] - 1
         h0, w0 = h // self.patch_size, w // self.patch_size
@@ -326,3 +353,21 @@ def vit(arch: str, patch_size: int = 16, depth: int | None = None, **kwargs) -> 
     size = VIT_SIZES[arch]
     return VisionTransformer(patch_size=patch_size, embed_dim=size.embed_dim, depth=depth or size.depth,
                              num_heads=size.num_heads, **kwargs)
+
+
+def xavier_init_(model: VisionTransformer) -> VisionTransformer:
+    """MoCo v3's ViT init (vits.py `VisionTransformerMoCo`), in place: Linears Xavier-uniform, the qkv Linear's
+    bound taken as for one of its three [D, D] matrices, sqrt(6 / (D + D)); the patch projection Xavier-uniform as
+    the Linear from in_chans * p * p pixels to D it is; zero biases. Tokens and position embedding stay as built."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            fan_out, fan_in = m.weight.shape
+            bound = math.sqrt(6.0 / ((fan_out // 3 if name.endswith("attn.qkv") else fan_out) + fan_in))
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    proj = model.patch_embed.proj
+    bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    nn.init.zeros_(proj.bias)
+    return model
