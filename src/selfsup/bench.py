@@ -171,7 +171,7 @@ def backbone_workload(cfg: Config, mode: str, device: torch.device, backbone: nn
 def synthetic_views(cfg: Config, multicrop, n: int, seed: int = 0):
     """Multi-crop views of `n` random images 1.15x the global crop size, through the real `MultiCrop`."""
     g = torch.Generator().manual_seed(seed)
-    side = int(cfg.crops.global_size * 1.15)
+    side = int(multicrop.cfg.global_size * 1.15)
     samples = [(torch.randint(0, 256, (3, side, side), generator=g, dtype=torch.uint8), 0, i) for i in range(n)]
     return multicrop(samples, 0)
 

@@ -349,6 +349,36 @@ class OptimConfig:
     patch_embed_lr_mult: float = checked(1.0, NON_NEGATIVE)  # DINOv2: 0.2
 
 
+# a high-resolution or evaluation size must cover a patch, like the crops
+SIZE_COVERS_PATCH = Needs(lambda v, c: v is None or c.backbone.arch not in VIT_ARCHS or v >= c.backbone.patch_size,
+                           lambda c: f"at least backbone.patch_size = {c.backbone.patch_size}")
+
+
+@dataclass
+class HighresConfig:
+    """DINOv2's high-resolution stage (Sec. 4, "Adapting the resolution"; 518 px for the last ~10k iterations):
+    the last `steps` steps of the run take larger crops; the schedules run on unchanged. Like the epoch counts,
+    `steps` is for a run of optim.schedule_epochs epochs and scaled to the run's length."""
+
+    steps: int = checked(0, NON_NEGATIVE, Needs(lambda v, c: v == 0 or c.highres.global_size is not None,
+                                                lambda c: "0 unless highres.global_size is set"))
+    global_size: int | None = checked(None, AT_LEAST_1, SIZE_COVERS_PATCH)
+    # None: crops.local_size scaled like the global crops, to a multiple of the patch
+    local_size: int | None = checked(None, AT_LEAST_1, SIZE_COVERS_PATCH)
+    batch_size: int | None = checked(None, AT_LEAST_1)  # None: optim.batch_size
+
+
+def highres_crops(cfg: Config) -> CropsConfig | None:
+    """The crops of the high-resolution stage: highres.global_size, and highres.local_size or the local crops
+    scaled alike (DINOv2's 224 -> 518 takes 96 -> ~224), to a multiple of the patch."""
+    h, c, patch = cfg.highres, cfg.crops, cfg.backbone.patch_size
+    if not h.steps:
+        return None
+    local = h.local_size or max(patch, round(c.local_size * h.global_size / c.global_size / patch) * patch)
+    return dataclasses.replace(c, global_size=h.global_size, local_size=local)
+
+
+
 @dataclass
 class TrainConfig:
     out: str | None = checked(None, NON_EMPTY)  # run folder; default runs/<method>-<arch>-<data>
@@ -379,6 +409,12 @@ class EvalConfig:
     k: int = checked(20, AT_LEAST_1)  # DINO's weighted k-NN
     temperature: float = checked(0.07, POSITIVE)
     final: bool = checked(True, ANY)  # k-NN of the teacher backbone, raw pixels and random init at the end
+    # the evaluation images' size, also saved with the exported backbone; None: crops.global_size
+    size: int | None = checked(None, AT_LEAST_1, SIZE_COVERS_PATCH)
+
+
+def eval_size(cfg: Config) -> int:
+    return cfg.eval.size or cfg.crops.global_size
 
 
 @dataclass
@@ -396,6 +432,7 @@ class Config:
     dinov2: DINOv2Config = field(default_factory=DINOv2Config)
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    highres: HighresConfig = field(default_factory=HighresConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import BackboneConfig, Config, apply, to_dict
+from .config import BackboneConfig, Config, apply, eval_size, to_dict
 from .errors import UserError
 from .nn import backbone_from_config
 
@@ -35,7 +35,7 @@ def _export(backbone: nn.Module, meta: dict, path: Path) -> None:
 
 def save_backbone(backbone: nn.Module, cfg: Config, path: Path) -> None:
     """Export a run's backbone with its architecture, input size and normalisation."""
-    _export(backbone, {"backbone": to_dict(cfg.backbone), "method": cfg.method, "image_size": cfg.crops.global_size,
+    _export(backbone, {"backbone": to_dict(cfg.backbone), "method": cfg.method, "image_size": eval_size(cfg),
                        "mean": list(cfg.crops.mean), "std": list(cfg.crops.std)}, path)
 
 
@@ -103,7 +103,7 @@ def _from_checkpoint(state: dict, where: str) -> Loaded:
     apply(cfg, state["config"], where)
     method = build_method(cfg)
     method.load_state_dict(state["method_state"])
-    return Loaded(method.backbone().eval(), cfg.backbone, cfg.crops.global_size, cfg.crops.mean, cfg.crops.std,
+    return Loaded(method.backbone().eval(), cfg.backbone, eval_size(cfg), cfg.crops.mean, cfg.crops.std,
                   where)
 
 

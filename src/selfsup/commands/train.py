@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RECIPES, Config, apply, load_recipe, parse_override, validate
+from ..config import RECIPES, Config, apply, highres_crops, load_recipe, parse_override, validate
 from ..data.builtin import BUILTIN
 from ..machine import process_start, usable_cores
 from ..progress import format_duration
@@ -175,6 +175,11 @@ def describe(cfg: Config) -> str:
     arch = f"{b.arch}/{b.patch_size}" + (f" ({b.depth} blocks)" if b.depth else "") if b.arch.startswith("vit") else b.arch
     crops = f"{c.n_global} x {c.global_size}" + (f" + {c.n_local} x {c.local_size}" if c.n_local else "")
     length = f"time {cfg.train.time}" if cfg.train.time else (f"{o.steps} steps" if o.steps else f"{o.epochs:g} epochs")
+    if o.epoch_length and not o.steps:
+        length += f" of {o.epoch_length} steps"
+    if cfg.highres.steps:
+        h = highres_crops(cfg)
+        length += f" (high-resolution stage: highres.steps {cfg.highres.steps} at {h.global_size} + {h.local_size} px)"
     head = f", K {cfg.dino.out_dim}" if cfg.method in ("dino", "ibot", "dinov2", "distill") else ""
     threads = f" + {cfg.train.threads} thread(s)" if cfg.train.threads else ""
     return (f"{cfg.method}, {arch}, crops {crops}, batch {o.batch_size}, lr {o.lr:g} ({o.lr_scaling}), {length}{head}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, eval_size
 from ..data.builtin import open_source
 from ..data.sources import Source
 from ..errors import UserError
@@ -37,7 +37,7 @@ def knn_of_backbone(backbone: nn.Module, cfg: Config, device: torch.device, k: i
     if not open_source(spec).labelled:
         return None
     train, test = labelled_splits(spec)
-    size = cfg.crops.global_size
+    size = eval_size(cfg)
 
     def forward(s: Source, desc: str):
         return backbone_features(backbone, s, size, device, mean=cfg.crops.mean, std=cfg.crops.std, desc=desc)
@@ -57,7 +57,7 @@ def final_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict 
     return {
         "trained": trained,
         "random_init": knn_of_backbone(random_init, cfg, device, what="k-NN features (random init)"),
-        "raw_pixels": knn_of(lambda s, desc: pixel_features(s, cfg.crops.global_size, desc), train, test, cfg.eval.k,
+        "raw_pixels": knn_of(lambda s, desc: pixel_features(s, eval_size(cfg), desc), train, test, cfg.eval.k,
                              cfg.eval.temperature, f"k-NN raw pixels {spec}"),
     }
 
@@ -77,7 +77,7 @@ def attention_table(backbone: nn.Module, cfg: Config, device: torch.device) -> d
     torch.manual_seed(cfg.train.seed)
     out = {}
     for name, net in (("trained", backbone), ("random_init", backbone_from_config(cfg.backbone, drop_path=0.0))):
-        f = dense_features(net, test, "scenes", "test", cfg.crops.global_size, 1, cfg.crops.mean, cfg.crops.std,
+        f = dense_features(net, test, "scenes", "test", eval_size(cfg), 1, cfg.crops.mean, cfg.crops.std,
                            device, FeatureCache(None, ""))
         r = attention_jaccard(f.attn, (f.mask != 0) & (f.mask != IGNORE), f.mask != IGNORE)
         out[name] = {**{k: r[k] for k in ("jaccard_best", "jaccard_mean", "best_head", "object_area")},

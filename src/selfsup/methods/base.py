@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import BackboneConfig, Config
+from ..config import BackboneConfig, Config, CropsConfig
 from ..train.schedules import Progress
 from ..train.watchdog import CollapseCheck
 
@@ -81,8 +81,8 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def masking(self) -> Callable | None:
-        """A per-image mask generator for the global crops (iBOT), or None."""
+    def masking(self, crops: CropsConfig | None = None) -> Callable | None:
+        """A mask generator for the global crops (iBOT) of `crops` (default: the config's), or None."""
         return None
 
     def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, CropsConfig
 from ..data.masking import BlockMasking, DINOv2Masking
 from ..nn import feature_dim
 from ..nn.heads import DINOHead
@@ -61,9 +61,10 @@ class IBOT(DINO):
         extra = list(self.student["ibot_head"].last_layer.parameters()) if "ibot_head" in self.student else []
         return super().last_layer_params() + extra
 
-    def masking(self) -> Callable | None:
+    def masking(self, crops: CropsConfig | None = None) -> Callable | None:
         """The global crops' mask generator by ibot.masking (auto: this method's own rule)."""
-        i, c, size = self.cfg.ibot, self.cfg.crops, self.cfg.crops.global_size
+        i, c = self.cfg.ibot, crops or self.cfg.crops
+        size = c.global_size
         if i.mask_sample_probability <= 0:
             return None
         patch = self.cfg.backbone.patch_size

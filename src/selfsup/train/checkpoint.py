@@ -70,14 +70,15 @@ def last_before(run_dir: Path, step: int) -> Path | None:
     return next((p for p in reversed(checkpoints(run_dir)) if step_of(p) <= step), None)
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int, keep_step: int | None = None) -> Path:
-    """Save, then delete all but the last `keep_last` checkpoints (and the newest at or before `keep_step`, the
-    last good one before a collapse) and any temporary file of a killed writer."""
+def save_checkpoint(run_dir: Path, step: int, state: dict, keep_last: int, keep_steps: tuple[int, ...] = ()) -> Path:
+    """Save, then delete all but the last `keep_last` checkpoints (and the newest at or before each of
+    `keep_steps`: the last good one before a collapse, the first stage's last) and any temporary file of a killed
+    writer."""
     path = run_dir / f"checkpoint-{step:08d}.pt"
     atomic_save(state, path)
-    kept = last_before(run_dir, keep_step) if keep_step is not None else None
+    kept = {last_before(run_dir, s) for s in keep_steps}
     for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        if old != kept:
+        if old not in kept:
             old.unlink(missing_ok=True)
     for stale in run_dir.glob(TEMPORARY):
         stale.unlink(missing_ok=True)

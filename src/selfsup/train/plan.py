@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..bench import PeakMemory, synchronize, synthetic_views
+from ..config import eval_size
 from ..machine import free_memory, process_memory
 from ..progress import format_duration
 
@@ -120,12 +121,14 @@ def human_bytes(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
-def synthetic_step(trainer):
-    """`step(b)`: one training step of `trainer` on b synthetic images at its crop sizes."""
-    def step(b: int) -> None:
-        trainer.train_step(synthetic_views(trainer.cfg, trainer.multicrop, b))
-
-    return step
+def stage_seconds(trainer, multicrop, batch: int) -> tuple[float, float]:
+    """(seconds per step, seconds to load one image) of training steps on `multicrop`'s crops: the step waits
+    for the slower of the device and the loader workers."""
+    compute_s = time_steps(lambda: trainer.train_step(synthetic_views(trainer.cfg, multicrop, batch)), 2,
+                           trainer.device)
+    load_s = load_time(trainer.source, multicrop)
+    workers = trainer.cfg.data.num_workers
+    return (max(compute_s, load_s * batch / workers) if workers else compute_s + load_s * batch), load_s
 
 
 def decode_time(source, n: int = 32) -> float:
@@ -171,7 +174,7 @@ def eval_seconds(trainer, workers: int) -> float:
     train, test = labelled_splits(spec)
     n = len(train) + len(test)
     read_s = decode_time(test)
-    size, b = cfg.crops.global_size, 64
+    size, b = eval_size(cfg), 64
     backbone = trainer.method.backbone()
     x = torch.randn(b, 3, size, size, device=device)
     was_training = backbone.training
@@ -185,16 +188,27 @@ def eval_seconds(trainer, workers: int) -> float:
     return n * (2 * per_pass + read_s) + knn_s
 
 
-def fit_memory(trainer, choose_batch: bool) -> str:
-    """Trial steps at growing batches: the run's batch checked (an error naming the largest that fits) or, when
-    `choose_batch`, lowered to the largest power of two that fits. Returns the line to print."""
+def fit_memory(trainer, choose_batch: bool) -> list[str]:
+    """Trial steps at growing batches, for the run's crops and for those of its high-resolution stage: each
+    stage's batch checked (an error naming the largest that fits) or, when `choose_batch`, lowered to the largest
+    power of two that fits. Returns the lines to print."""
+    cfg = trainer.cfg
+    start = max(2, 2 * cfg.moco.shuffle_bn) if cfg.method == "moco" else 2  # shuffling BN's groups need 2 each
+    lines = [fit_stage(trainer, trainer.multicrop, cfg.optim.batch_size, "optim.batch_size", "--batch-size N",
+                       choose_batch, start)]
+    if trainer.highres is not None:
+        chosen = fit_stage(trainer, trainer.highres_multicrop, trainer.batch_size(trainer.total_steps - 1),
+                           "highres.batch_size", "highres.batch_size=N", choose_batch, start)
+        lines.append(f"high-resolution stage ({trainer.highres.global_size} px): {chosen}")
+    return lines
+
+
+def fit_stage(trainer, multicrop, target: int, key: str, flag: str, choose_batch: bool, start: int) -> str:
     from ..errors import UserError
 
     cfg, device = trainer.cfg, trainer.device
-    target = cfg.optim.batch_size
-    start = max(2, 2 * cfg.moco.shuffle_bn) if cfg.method == "moco" else 2  # shuffling BN's groups need 2 each
     budget = memory_budget(device, cfg.train.memory_fraction, cfg.train.memory_limit_gib, cfg.data.num_workers)
-    fit = fit_batch(synthetic_step(trainer), device, target, budget, start)
+    fit = fit_batch(lambda b: trainer.train_step(synthetic_views(cfg, multicrop, b)), device, target, budget, start)
     limit = f", train.memory_limit_gib {cfg.train.memory_limit_gib}" if cfg.train.memory_limit_gib else ""
     where = (f"{human_bytes(budget)} usable: train.memory_fraction {cfg.train.memory_fraction} of "
              f"{human_bytes(free_memory(device))} free{limit}")
@@ -202,11 +216,15 @@ def fit_memory(trainer, choose_batch: bool) -> str:
     if fit.largest_batch >= target:
         return f"memory: batch {target} fits (peak ~{peak}, {where})"
     if not choose_batch or fit.largest_batch < 1:
-        hint = f" (--batch-size {fit.largest_batch})" if fit.largest_batch else ""
-        raise UserError(f"optim.batch_size={target} does not fit in memory (a step needs ~{peak}, {where}); "
+        hint = f" ({flag.replace('N', str(fit.largest_batch))})" if fit.largest_batch else ""
+        raise UserError(f"{key}={target} does not fit in memory (a step needs ~{peak}, {where}); "
                         f"the largest batch that fits is {fit.largest_batch}{hint}")
-    cfg.optim.batch_size = 2 ** int(math.log2(fit.largest_batch))
-    return f"memory: batch {target} would need ~{peak}, {where}: batch {cfg.optim.batch_size}"
+    chosen = 2 ** int(math.log2(fit.largest_batch))
+    if key == "optim.batch_size":
+        cfg.optim.batch_size = chosen
+    else:
+        cfg.highres.batch_size = chosen
+    return f"memory: batch {target} would need ~{peak}, {where}: batch {chosen}"
 
 
 def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float) -> list[str]:
@@ -220,12 +238,14 @@ def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float
     saved = trainer.snapshot()
     try:
         trainer.step = min(trainer.schedules.freeze_last_layer_steps, trainer.total_steps - 1)  # every parameter trains
-        lines = [fit_memory(trainer, choose_batch)]
+        lines = fit_memory(trainer, choose_batch)
         batch, workers = cfg.optim.batch_size, cfg.data.num_workers
-        compute_s = time_steps(lambda: synthetic_step(trainer)(batch), 2, device)
-        load_s = load_time(trainer.source, trainer.multicrop)
-        step_s = max(compute_s, load_s * batch / workers) if workers else compute_s + load_s * batch
+        step_s, load_s = stage_seconds(trainer, trainer.multicrop, batch)
         trainer.schedule()  # the batch may have changed: steps per epoch too
+        if trainer.highres is not None:  # the mean step over both stages
+            share = (trainer.total_steps - trainer.highres_start) / trainer.total_steps
+            high_s, _ = stage_seconds(trainer, trainer.highres_multicrop, trainer.batch_size(trainer.total_steps - 1))
+            step_s = (1 - share) * step_s + share * high_s
         step_s += epoch_seconds(trainer) / trainer.steps_per_epoch  # what each epoch adds, spread over its steps
         trainer.eval_s, trainer.step_s = eval_seconds(trainer, workers), step_s
     finally:

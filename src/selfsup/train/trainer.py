@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config, parse_duration, save, to_dict
+from ..config import Config, highres_crops, parse_duration, save, to_dict
 from ..data.builtin import open_source
 from ..data.loader import epoch_loader, make_batches
 from ..data.views import MultiCrop, Photometric
@@ -66,6 +66,9 @@ def training_source(spec: str):
     return open_source(spec, "train") if src.labelled else src
 
 
+HIGHRES_EPOCH = 1_000_000  # the data epochs of the high-resolution stage count from here
+
+
 def step_seed(seed: int, step: int) -> int:
     """The seed of one step (the torch RNG, and the per-sample streams of drop path): a resumed run repeats it
     exactly."""
@@ -110,6 +113,7 @@ class Trainer:
         self.method = method.to(self.device)
         set_attention_backend(self.method, cfg.train.attention, self.device)  # training and evaluation
         self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
+        self.highres = highres_crops(cfg)  # DINOv2's high-resolution stage, or None
         self.schedule()
         self.photometric = Photometric(cfg.crops)
         self.model = distributed.wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
@@ -133,6 +137,29 @@ class Trainer:
         self.steps_per_epoch = len(self.batches)  # a pass over the data: checkpoints and the loader's epochs
         self.total_steps, schedule_epoch = run_length(o, self.steps_per_epoch)
         self.schedules = Schedules.build(cfg, self.total_steps, schedule_epoch)
+        self.highres_start = self.total_steps  # the step the high-resolution stage begins at
+        if self.highres is not None:  # highres.steps, scaled to the run like the recipe's epoch counts
+            steps = max(1, round(cfg.highres.steps * self.schedules.epoch_scale))
+            self.highres_start = max(0, self.total_steps - steps)
+            self.highres_multicrop = MultiCrop(self.highres, cfg.train.seed, self.method.masking(self.highres))
+            self.highres_batches = make_batches(self.source, self.highres_multicrop,
+                                                self.batch_size(self.total_steps - 1), self.rank, self.world,
+                                                cfg.train.seed)
+
+    def batch_size(self, step: int) -> int:
+        """The global batch of step `step` (0-based): highres.batch_size in the high-resolution stage."""
+        if step >= self.highres_start and self.cfg.highres.batch_size:
+            return self.cfg.highres.batch_size
+        return self.cfg.optim.batch_size
+
+    def position(self) -> tuple:
+        """(batches, data epoch, first batch, the step this stretch ends at) for the current step. The
+        high-resolution stage counts its own epochs from HIGHRES_EPOCH, so its crops differ from the first
+        stage's and a resumed run finds them again."""
+        if self.step < self.highres_start:
+            return (self.batches, *divmod(self.step, self.steps_per_epoch), self.highres_start)
+        epoch, start = divmod(self.step - self.highres_start, len(self.highres_batches))
+        return self.highres_batches, HIGHRES_EPOCH + epoch, start, self.total_steps
 
     # ----- state -----
     def state(self) -> dict:
@@ -167,7 +194,9 @@ class Trainer:
         state = self.state()
         if not distributed.is_main():
             return None
-        keep = self.watchdog.onset - 1 if self.watchdog.onset is not None else None
+        keep = (self.watchdog.onset - 1,) if self.watchdog.onset is not None else ()
+        if 0 < self.highres_start < self.step:  # the first stage's last checkpoint: the high-resolution stage's start
+            keep += (self.highres_start,)
         return save_checkpoint(self.out, self.step, state, self.cfg.train.keep_last, keep)
 
     def whole_method(self) -> Method | None:
@@ -276,6 +305,8 @@ class Trainer:
         epochs = f"{passes:.1f} epochs" if not cfg.optim.epoch_length else (
             f"{self.total_steps / cfg.optim.epoch_length:.1f} epochs of {cfg.optim.epoch_length} steps, "
             f"{passes:.1f} passes over the data")
+        if self.highres is not None:
+            epochs += f"; the last {self.total_steps - self.highres_start} at {self.highres.global_size} px"
         log.info("%s on %s: %d images, batch %d, %d steps (%s), device %s", cfg.method, self.source.name,
                  len(self.source), cfg.optim.batch_size, self.total_steps, epochs, self.device)
         if self.step_s:
@@ -290,7 +321,7 @@ class Trainer:
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
-            raise UserError(f"out of memory at step {self.step + 1} with batch {cfg.optim.batch_size} "
+            raise UserError(f"out of memory at step {self.step + 1} with batch {self.batch_size(self.step)} "
                             f"({human_bytes(process_memory(self.device))} in use, {human_bytes(free_memory(self.device))} "
                             f"free on {self.device}): lower --batch-size; the last checkpoint in {self.out} is "
                             "intact") from None
@@ -317,12 +348,17 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not sys.stderr.isatty() or not distributed.is_main(),
                    dynamic_ncols=True, desc=cfg.method)
         self.method.train()
-        images_per_step = cfg.optim.batch_size
         last_t = time.perf_counter()
         try:
             while self.step < self.total_steps:
-                epoch, start = divmod(self.step, self.steps_per_epoch)
-                for views in epoch_loader(self.batches, epoch, start, cfg.data.num_workers):
+                batches, epoch, start, end = self.position()
+                if self.step == self.highres_start:
+                    c = self.highres
+                    log.info("step %d: high-resolution stage, %d steps of %d x %d + %d x %d px crops, batch %d",
+                             self.step, self.total_steps - self.step, c.n_global, c.global_size, c.n_local,
+                             c.local_size, self.batch_size(self.step))
+                images_per_step = self.batch_size(self.step)
+                for views in epoch_loader(batches, epoch, start, cfg.data.num_workers):
                     m = self.train_step(views)
                     now = time.perf_counter()
                     dt, last_t = now - last_t, now
@@ -357,11 +393,14 @@ class Trainer:
                     every = cfg.train.checkpoint_every
                     if (every and self.step % every == 0) or self.step == self.total_steps:
                         self.checkpoint()
-                    if self.step >= self.total_steps:
+                    if self.step >= end:
                         break
-                if not cfg.train.checkpoint_every and self.step % self.steps_per_epoch == 0:
-                    if self.step < self.total_steps:
-                        self.checkpoint()
+                first_stage = batches is self.batches
+                passed = (self.step - (0 if first_stage else self.highres_start)) % len(batches) == 0  # epoch's end
+                stage_end = self.step == self.highres_start  # checkpointed whatever train.checkpoint_every
+                if self.step < self.total_steps and (stage_end or (passed and not cfg.train.checkpoint_every)):
+                    self.checkpoint()
+                if passed and first_stage:
                     log.info("epoch %d/%d done", self.step // self.steps_per_epoch,
                              math.ceil(self.total_steps / self.steps_per_epoch))
         finally:
