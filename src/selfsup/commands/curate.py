@@ -1,0 +1,382 @@
+"""`selfsup curate`: from an uncurated pile to a training set, as DINOv2 built LVD-142M (Sec. 3, Fig. 3): embed,
+de-duplicate, retrieve near a curated set, and balance with hierarchical k-means (Vo et al. 2024)."""
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger("selfsup")
+WHITENING_SAMPLE = 20000  # pool images that learn the copy-detection whitening (DINO fits it on 20k distractors)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "curate", help="select a training set from a pool: de-duplicate, retrieve, balance",
+        description="DINOv2's data curation (Sec. 3): embed the pool with a backbone (features cached); with "
+        "--dedup, remove near-duplicates (connected components of 'cosine >= threshold' over the copy-detection "
+        "descriptor, the first image of each group kept); remove pool images too close to any --protect image; "
+        "with --curated, keep the pool images near it (--per-query K nearest of each curated image, or the "
+        "--clusters N k-means clusters holding their neighbours); with --balance N, sample N images evenly across "
+        "hierarchical k-means clusters (Vo et al. 2024). Writes DIR/selected.txt (one pool image per line), "
+        "DIR/removed.tsv, DIR/curation.json and PNG sample grids; --shards writes webdataset shards of the "
+        "selection.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder, a checkpoint, a safetensors export, or an official DINO/DINOv2 .pth")
+    p.add_argument("--pool", required=True, help="the uncurated images: a folder, shards, or a built-in set")
+    p.add_argument("--curated", help="a curated set to retrieve near (needs --per-query or --clusters)")
+    p.add_argument("--protect", action="append", default=[], metavar="SPEC",
+                   help="an evaluation set whose near-copies are removed from the pool (repeatable)")
+    p.add_argument("--dedup", action="store_true", help="remove near-duplicates within the pool")
+    p.add_argument("--dedup-threshold", type=float, default=0.9,
+                   help="cosine similarity of the dedup descriptor from which two images are copies (default 0.9)")
+    p.add_argument("--protect-threshold", type=float,
+                   help="the same for copies of --protect images (default: --dedup-threshold)")
+    p.add_argument("--descriptor", choices=("copydetect", "cls"), default="copydetect",
+                   help="dedup descriptor: [CLS] + GeM of the patch tokens, whitened (DINO copy detection), or the "
+                   "[CLS] alone; centred either way (default copydetect)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--per-query", type=int, metavar="K", help="keep the K nearest pool images of each curated image")
+    mode.add_argument("--clusters", type=int, metavar="N", help="k-means the pool into N clusters, keep those "
+                      "holding a curated image's nearest pool image")
+    p.add_argument("--per-cluster", type=int, help="with --clusters: at most this many images of each kept cluster")
+    p.add_argument("--union", action="store_true", help="add the curated images to the selection (DINOv2 step 4)")
+    p.add_argument("--balance", type=int, metavar="N", help="sample N images evenly across hierarchical k-means clusters")
+    p.add_argument("--levels", help="clusters per level of the hierarchical k-means, finest first, e.g. 1000,100 "
+                   "(default: about N/50 then a tenth of it)")
+    p.add_argument("--resample-steps", type=int, default=3, help="resampling steps per k-means level (Vo et al.)")
+    p.add_argument("--shards", metavar="DIR", help="also write the selection as webdataset shards in DIR")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, help="loader processes decoding images (default: as `selfsup embed`)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--json", action="store_true", help="print curation.json's summary as one JSON line")
+    p.set_defaults(run=run)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every bad value up front, before anything is embedded."""
+    def positive(name: str, v) -> None:
+        if v is not None and v < 1:
+            raise UserError(f"--{name} {v}: expected at least 1")
+
+    for name in ("per-query", "clusters", "per-cluster", "balance", "batch-size", "shard-size"):
+        positive(name, getattr(args, name.replace("-", "_")))
+    if args.resample_steps < 0:
+        raise UserError(f"--resample-steps {args.resample_steps}: expected 0 or more")
+    for name in ("dedup_threshold", "protect_threshold"):
+        v = getattr(args, name)
+        if v is not None and not -1.0 <= v <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} {v}: expected a cosine similarity in [-1, 1]")
+    if args.curated and args.per_query is None and args.clusters is None:
+        raise UserError("--curated: choose how to retrieve, --per-query K or --clusters N")
+    if (args.per_query is not None or args.clusters is not None) and not args.curated:
+        raise UserError("--per-query/--clusters retrieve near a curated set: give --curated SPEC")
+    if args.per_cluster is not None and args.clusters is None:
+        raise UserError("--per-cluster goes with --clusters N")
+    if args.union and not args.curated:
+        raise UserError("--union adds the curated images: give --curated SPEC")
+    if args.levels is not None:
+        args.levels = parse_levels(args.levels)
+        if args.balance is None:
+            raise UserError("--levels shapes the k-means of --balance N: give --balance")
+    if args.shards and Path(args.shards).is_dir() and any(Path(args.shards).glob("*.tar")):
+        raise UserError(f"--shards {args.shards}: already holds .tar files (choose an empty folder)")
+    if args.shards:
+        try:
+            import webdataset  # noqa: F401
+        except ImportError:
+            raise UserError("--shards needs the package webdataset (pip install webdataset)") from None
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--levels {text}: expected cluster counts separated by commas, e.g. 1000,100") from None
+    if not levels or min(levels) < 1 or any(b >= a for a, b in itertools.pairwise(levels)):
+        raise UserError(f"--levels {text}: expected decreasing positive counts, finest level first, e.g. 1000,100")
+    return levels
+
+
+def default_levels(n: int) -> list[int]:
+    """About 50 images per finest cluster, then a tenth as many clusters above (two levels where n allows)."""
+    k1 = max(2, min(n // 50, 10000)) if n >= 4 else 1
+    k2 = k1 // 10
+    return [k1, k2] if k2 >= 2 else [k1]
+
+
+def item_names(spec: str, source) -> list[str]:
+    """How each image is named in selected.txt: its file path as the pool gives it, `shard.tar#key` in shards,
+    `spec#i` in a built-in set."""
+    files = getattr(source, "files", None)
+    if files is not None:
+        return [str(f) for f in files]
+    keys = getattr(source, "keys", None)
+    if keys is not None:
+        return [f"{source.paths[int(s)]}#{k}" for s, k in zip(source.shard, keys)]
+    return [f"{spec}#{i}" for i in range(len(source))]
+
+
+class Embedder:
+    """[CLS] and GeM of the patch tokens of every image of a source, through the feature cache."""
+
+    def __init__(self, args: argparse.Namespace):
+        from ..eval.cache import FeatureCache, cache_folder
+        from ..train.trainer import resolve_device
+        from ..weights import load
+
+        self.args, self.loaded = args, load(args.checkpoint)
+        self.device = resolve_device(args.device)
+        self.backbone = self.loaded.backbone.to(self.device).eval()
+        self.cache = FeatureCache(None if args.no_cache else cache_folder(args.checkpoint), args.checkpoint)
+
+    def __call__(self, spec: str, role: str):
+        from ..data.builtin import open_source
+        from ..eval.copydetect import gem
+        from ..eval.features import extract
+
+        source = open_source(spec)
+        loaded = self.loaded
+
+        def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            o = self.backbone.forward_features(x)
+            return {"cls": o["x_norm_clstoken"], "gem": gem(o["x_norm_patchtokens"])}
+
+        def compute():
+            return extract(forward, source, loaded.image_size, self.device, self.args.batch_size, loaded.mean,
+                           loaded.std, desc=f"curate: embed {role} {spec}", workers=self.args.workers)
+
+        feats, _ = self.cache.get(spec, "curate", source, compute, size=loaded.image_size, mean=list(loaded.mean),
+                                  std=list(loaded.std), kind="cls+gem")
+        return source, feats
+
+
+def dedup_space(pool: dict, others: list[dict], kind: str) -> tuple[torch.Tensor, list[torch.Tensor], str]:
+    """The descriptors de-duplication compares, for the pool and the protected sets alike: DINO's copy-detection
+    descriptor ([CLS] + GeM p=4, PCA-whitened on pool images, L2-normalised; eval_copy_detection.py) when the pool
+    has enough images to learn the whitening (4 per dimension), else centred on the pool mean and normalised."""
+    from ..eval.copydetect import Whitening
+
+    def raw(f: dict) -> torch.Tensor:
+        return torch.cat([f["cls"], f["gem"]], 1) if kind == "copydetect" else f["cls"]
+
+    x = raw(pool)
+    fit = x[torch.linspace(0, len(x) - 1, min(len(x), WHITENING_SAMPLE)).round().long().unique()]
+    if kind == "copydetect" and len(fit) >= 4 * x.shape[1]:
+        whiten = Whitening().fit(fit)
+        return whiten(x), [whiten(raw(o)) for o in others], "[CLS]+GeM, whitened"
+    mean = fit.mean(0)
+    norm = torch.nn.functional.normalize
+    what = "[CLS]+GeM, centred" if kind == "copydetect" else "[CLS], centred"
+    return norm(x - mean, dim=1), [norm(raw(o) - mean, dim=1) for o in others], what
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import curate as cu
+
+    check(args)
+    out = Path(args.out)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    embed = Embedder(args)
+    pool_source, pool = embed(args.pool, "pool")
+    names = item_names(args.pool, pool_source)
+    n = len(names)
+    curated = embed(args.curated, "curated") if args.curated else None
+    protected = [(spec, *embed(spec, "protected")) for spec in args.protect]
+    times["embed_s"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    alive = np.ones(n, dtype=bool)
+    steps: list[dict] = [{"step": "pool", "spec": args.pool, "images": n}]
+    removed: list[tuple[str, str, str, float]] = []  # (path, why, the image it copies, similarity)
+    figures: dict[str, str] = {}
+
+    if args.dedup or protected:
+        t = time.perf_counter()
+        desc, prot_desc, what = dedup_space(pool, [f for _, _, f in protected], args.descriptor)
+        if args.dedup:
+            groups = cu.duplicate_groups(desc, args.dedup_threshold)
+            dup = np.flatnonzero(groups != np.arange(n))
+            sims = (desc[dup] * desc[groups[dup]]).sum(1).tolist()
+            for i, s in zip(dup.tolist(), sims):
+                removed.append((names[i], "duplicate", names[groups[i]], s))
+            alive[dup] = False
+            sizes = np.bincount(groups, minlength=n)
+            steps.append({"step": "dedup", "descriptor": what, "threshold": args.dedup_threshold,
+                          "groups": int((sizes > 1).sum()), "removed": len(dup), "left": int(alive.sum())})
+            figures["dedup"] = draw_groups(pool_source, groups, names, out / "dedup_groups.png")
+        threshold = args.protect_threshold if args.protect_threshold is not None else args.dedup_threshold
+        for (spec, source, _), pd in zip(protected, prot_desc):
+            hit, near, sims = cu.protect(desc, pd, threshold)
+            pnames = item_names(spec, source)
+            fresh = [(i, j, s) for i, j, s in zip(hit.tolist(), near.tolist(), sims.tolist()) if alive[i]]
+            for i, j, s in fresh:
+                removed.append((names[i], f"copy of protected {spec}", pnames[j], s))
+                alive[i] = False
+            steps.append({"step": "protect", "spec": spec, "images": len(source), "threshold": threshold,
+                          "descriptor": what, "removed": len(fresh), "left": int(alive.sum())})
+        times["dedup_s"] = time.perf_counter() - t
+
+    index = np.flatnonzero(alive)  # pool indices still in play
+    feats = pool["cls"]
+    if curated is not None:
+        t = time.perf_counter()
+        cur_source, cur = curated
+        if args.per_query is not None:
+            picked = cu.retrieve_per_query(cur["cls"], feats[index], args.per_query)
+            step = {"step": "retrieve", "mode": "per-query", "k": args.per_query}
+            figures["retrieved"] = draw_retrieved(cur_source, cur["cls"], pool_source, feats[index], index,
+                                                  out / "retrieved.png", args.per_query)
+        else:
+            k = min(args.clusters, len(index))
+            picked, _ = cu.retrieve_clusters(cur["cls"], feats[index], k, args.per_cluster, args.seed)
+            step = {"step": "retrieve", "mode": "clusters", "clusters": k, "per_cluster": args.per_cluster}
+            figures["retrieved"] = draw_retrieved(cur_source, cur["cls"], pool_source, feats[index], index,
+                                                  out / "retrieved.png", 4)
+        index = index[picked]
+        steps.append({**step, "curated": args.curated, "curated_images": len(cur_source), "left": len(index)})
+        times["retrieve_s"] = time.perf_counter() - t
+
+    if args.balance is not None and args.balance < len(index):
+        t = time.perf_counter()
+        levels = args.levels or default_levels(len(index))
+        if levels[0] > len(index):
+            raise UserError(f"--levels {','.join(map(str, levels))}: {levels[0]} clusters for {len(index)} images")
+        h = cu.hierarchical_kmeans(feats[index], levels, args.resample_steps, seed=args.seed, metric="cosine")
+        picked = cu.balanced_sample(h.labels, args.balance, args.seed)
+        figures["clusters"] = draw_clusters(pool_source, index, h.point_labels(len(levels)), out / "clusters.png",
+                                            args.seed)
+        index = index[picked]
+        steps.append({"step": "balance", "levels": levels, "resample_steps": args.resample_steps,
+                      "target": args.balance, "left": len(index)})
+        times["balance_s"] = time.perf_counter() - t
+    elif args.balance is not None:
+        steps.append({"step": "balance", "target": args.balance, "left": len(index),
+                      "note": "target not below the images left: all kept"})
+
+    selected = [names[i] for i in index.tolist()]
+    if args.union:
+        selected += item_names(args.curated, curated[0])
+        steps.append({"step": "union", "curated": args.curated, "left": len(selected)})
+    (out / "selected.txt").write_text("".join(f"{s}\n" for s in selected))
+    (out / "removed.tsv").write_text("path\twhy\tcopy_of\tsimilarity\n" + "".join(
+        f"{p}\t{w}\t{c}\t{s:.4f}\n" for p, w, c, s in removed))
+    shards = None
+    if args.shards:
+        t = time.perf_counter()
+        parts = [(pool_source, index.tolist())] + ([(curated[0], list(range(len(curated[0]))))] if args.union else [])
+        shards = write_shards(parts, Path(args.shards), args.shard_size, args.seed)
+        times["shards_s"] = time.perf_counter() - t
+    times["total_s"] = time.perf_counter() - t0
+    summary = {"checkpoint": str(args.checkpoint), "pool": args.pool, "selected": len(selected), "steps": steps,
+               "figures": {k: v for k, v in figures.items() if v}, "shards": shards,
+               "seconds": {k: round(v, 3) for k, v in times.items()}}
+    (out / "curation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    counts = " -> ".join(f"{s['step']} {s.get('left', s.get('images'))}" for s in steps)
+    print(f"curate {args.pool}: {counts}; {len(selected)} selected -> {out / 'selected.txt'}")
+    if shards:
+        print(f"train with: --data '{shards['spec']}'")
+    if args.json:
+        from ..cli import print_json
+
+        print_json(summary)
+    return 0
+
+
+def write_shards(parts: list, out: Path, shard_size: int, seed: int) -> dict:
+    """The selection as webdataset shards (the layout of `selfsup shards`): files' bytes unchanged, other images
+    (shards, built-in sets) encoded as PNG; labels where the source has classes."""
+    import webdataset as wds
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    items = [(s, i) for s, idx in parts for i in idx]
+    classes = parts[0][0].classes
+    order = np.random.default_rng(seed).permutation(len(items))
+    with wds.ShardWriter(str(out / "%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for key, j in enumerate(order.tolist()):
+            source, i = items[j]
+            files = getattr(source, "files", None)
+            if files is not None:
+                ext = files[i].suffix.lower().lstrip(".").replace("jpeg", "jpg")
+                sample = {"__key__": f"{key:08d}", ext: files[i].read_bytes()}
+            else:
+                buf = io.BytesIO()
+                Image.fromarray(source[i][0].permute(1, 2, 0).numpy()).save(buf, format="PNG")
+                sample = {"__key__": f"{key:08d}", "png": buf.getvalue()}
+            if classes and source.classes == classes:
+                sample["cls"] = int(source.labels()[i])
+            sink.write(sample)
+        n_shards = max(sink.shard, 1)
+    if classes:
+        (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    spec = f"{out}/{{{0:06d}..{n_shards - 1:06d}}}.tar" if n_shards > 1 else f"{out}/000000.tar"
+    return {"images": len(items), "shards": n_shards, "spec": spec}
+
+
+def _thumb(source, i: int) -> np.ndarray:
+    return source[i][0].permute(1, 2, 0).numpy()
+
+
+def draw_groups(source, groups: np.ndarray, names: list[str], path: Path, rows: int = 8,
+                cols: int = 6) -> str | None:
+    """The largest duplicate groups, one a row: the kept image first, then removed ones."""
+    from ..viz.dense import grid
+
+    sizes = np.bincount(groups, minlength=len(groups))
+    big = [g for g in np.argsort(-sizes, kind="stable")[:rows].tolist() if sizes[g] > 1]
+    if not big:
+        return None
+    table = []
+    for g in big:
+        members = np.flatnonzero(groups == g)[:cols].tolist()
+        table.append([(_thumb(source, i), ("kept " if i == g else "removed ") + Path(names[i]).name[:14])
+                      for i in members])
+    grid(table, path, f"duplicate groups ({int((sizes > 1).sum())} in all; largest shown)")
+    return path.name
+
+
+def draw_retrieved(cur_source, cur: torch.Tensor, pool_source, pool: torch.Tensor, index: np.ndarray, path: Path,
+                   k: int, rows: int = 8) -> str:
+    """Curated images (left) beside their nearest pool images."""
+    from ..curate import knn
+    from ..viz.dense import grid
+
+    queries = np.unique(np.linspace(0, len(cur) - 1, min(rows, len(cur))).round().astype(int)).tolist()
+    sims, nbr = knn(cur[queries], pool, min(k, 6))
+    table = []
+    for r, q in enumerate(queries):
+        row = [(_thumb(cur_source, q), f"query {q}")]
+        row += [(_thumb(pool_source, int(index[j])), f"{s:.2f}") for s, j in zip(sims[r].tolist(), nbr[r].tolist())]
+        table.append(row)
+    grid(table, path, "curated images (left) and their nearest pool images (cosine)")
+    return path.name
+
+
+def draw_clusters(source, index: np.ndarray, labels: np.ndarray, path: Path, seed: int, rows: int = 10,
+                  cols: int = 8) -> str:
+    """Random members of the top-level clusters, one cluster a row."""
+    from ..viz.dense import grid
+
+    rng = np.random.default_rng(seed)
+    sizes = np.bincount(labels)
+    table = []
+    for c in np.argsort(-sizes, kind="stable")[:rows].tolist():
+        members = np.flatnonzero(labels == c)
+        pick = rng.choice(members, min(cols, len(members)), replace=False)
+        table.append([(_thumb(source, int(index[i])), f"c{c} ({sizes[c]})") for i in pick])
+    grid(table, path, f"top-level clusters ({len(sizes)}), random members")
+    return path.name
