@@ -71,36 +71,31 @@ HUE = [-0.5, -0.1, 0.03, 0.25]  # a fraction of a turn
 SIGMA = [0.1, 0.7, 1.3, 2.0]  # pixels
 
 
+def jitter_diff(seed: int, op: str, factors: list[float], reference) -> float:
+    """selfsup's jitter op `op` with one factor per image against kornia's `reference(x, factors)`."""
+    img = images(seed)
+    f = torch.tensor(factors)
+    return max_diff(photometric(img, jitter=1, **{op: f}), reference(img.float() / 255, f))
+
+
 def diff_brightness():
-    img = images(1)
-    x = img.float() / 255
-    f = torch.tensor(BRIGHTNESS)
     # torchvision's brightness multiplies (blends with black): kornia's adjust_brightness adds, this one multiplies
-    return max_diff(photometric(img, jitter=1, brightness=f), adjust_brightness_accumulative(x, f))
+    return jitter_diff(1, "brightness", BRIGHTNESS, adjust_brightness_accumulative)
 
 
 def diff_contrast():
-    img = images(2)
-    x = img.float() / 255
-    f = torch.tensor(CONTRAST)
     # torchvision's contrast blends with the mean of the grayscale image; kornia's adjust_contrast only multiplies
-    return max_diff(photometric(img, jitter=1, contrast=f), adjust_contrast_with_mean_subtraction(x, f))
+    return jitter_diff(2, "contrast", CONTRAST, adjust_contrast_with_mean_subtraction)
 
 
 def diff_saturation():
-    img = images(3)
-    x = img.float() / 255
-    f = torch.tensor(SATURATION)
     # torchvision's saturation blends with the grayscale image; kornia's adjust_saturation scales HSV saturation
-    return max_diff(photometric(img, jitter=1, saturation=f), adjust_saturation_with_gray_subtraction(x, f))
+    return jitter_diff(3, "saturation", SATURATION, adjust_saturation_with_gray_subtraction)
 
 
 def diff_hue():
-    img = images(4)
-    x = img.float() / 255
-    f = torch.tensor(HUE)
     # torchvision's hue shift is a fraction of a turn, kornia's an angle in radians
-    return max_diff(photometric(img, jitter=1, hue=f), adjust_hue(x, 2 * math.pi * f))
+    return jitter_diff(4, "hue", HUE, lambda x, f: adjust_hue(x, 2 * math.pi * f))
 
 
 def diff_blur():
