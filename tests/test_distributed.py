@@ -118,6 +118,7 @@ def worker(rank: int, world: int, port: int, out: Path) -> None:
     batchnorm_case(out)
     sinkhorn_case(out)
     signal_case(out)
+    trainer.close()
     distributed.shutdown()
 
 

@@ -248,6 +248,7 @@ def train(args: argparse.Namespace, started: float, run_log: RunLog) -> int:
     for line in resolved.why:
         log.info("  %s", line)
     log.info("  %s", describe(cfg))
+    trainer = None
     try:
         trainer = Trainer(cfg, out, resume=args.resume, run_log=run_log)
         if init is not None:  # a resumed run then continues from its own checkpoint instead
@@ -261,6 +262,8 @@ def train(args: argparse.Namespace, started: float, run_log: RunLog) -> int:
         run_log.write(str(e))
         return e.exit_code
     finally:
+        if trainer is not None:
+            trainer.close()
         distributed.shutdown()  # torchrun's process group, if any: the evaluation below is rank 0's alone
     if not result:  # not the main process
         return 0

@@ -6,6 +6,7 @@ MASTER_PORT; `init` joins that group: NCCL on CUDA (one GPU per process), gloo o
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from datetime import timedelta
@@ -53,7 +54,11 @@ def init(device: torch.device) -> torch.device:
 
 
 def shutdown() -> None:
+    """Destroy the process group once nothing else holds it. Drop DDP wrappers first (`Trainer.close`): a DDP
+    reducer holding the group's last reference destroys it with the GIL held, and gloo's worker thread, freeing
+    a finished all-reduce's tensors, then waits for the GIL forever."""
     if enabled():
+        gc.collect()  # wrappers in reference cycles
         dist.destroy_process_group()
 
 

@@ -130,6 +130,10 @@ class Trainer:
         self._signal: int | None = None
         self.stop = False  # a signal reached some rank: every rank stops after this step
 
+    def close(self) -> None:
+        """Let go of the DDP/FSDP wrapper before `distributed.shutdown` (see there); `method` stays usable."""
+        self.model = self.method
+
     def schedule(self) -> None:
         """Batches, run length and schedules from the config (again after the trial steps change them)."""
         cfg, o = self.cfg, self.cfg.optim
