@@ -112,7 +112,7 @@ def test_choices_are_what_the_code_implements():
     from selfsup.train.distributed import WRAPPERS
     from selfsup.train.optim import OPTIMIZERS
 
-    assert choices("method") == tuple(METHODS)
+    assert tuple(choices("method")) == tuple(METHODS)
     assert choices("backbone.arch") == (*VIT_SIZES, *RESNETS)
     assert set(choices("train.attention")) == {"auto", *BACKENDS}
     assert choices("train.distributed") == WRAPPERS

@@ -11,7 +11,7 @@ import torch
 from selfsup.data.masking import BlockMasking, DINOv2Masking
 from selfsup.methods import build_method
 from selfsup.methods.base import Batch
-from selfsup.train.schedules import Progress, Schedules
+from selfsup.train.schedules import Schedules
 from selfsup.train.trainer import Trainer
 from tiny import tiny_config
 
@@ -171,7 +171,7 @@ def one_batch(cfg, method, B=4):
     else:
         masks = torch.stack([masking(rng) for _ in range(B)], 1).flatten(0, 1)  # crop-major, as MultiCrop
     assert 0 < masks.sum() < masks.numel()  # some masked, some not: the two rules differ
-    return Batch(g, local, masks, torch.zeros(B), 2, 2), Progress(0, Schedules.build(cfg, 10, 10))
+    return Batch(g, local, masks, torch.zeros(B), 2, 2), Schedules.build(cfg, method.schedules(), 10, 10).progress(0)
 
 
 def test_ibot_patch_centre_is_the_mean_over_all_teacher_patch_tokens():

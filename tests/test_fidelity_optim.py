@@ -2,12 +2,14 @@
 utils.clip_gradients; dinov2 train/ssl_meta_arch.py, one clip_grad_norm_ per student module), weight decay
 exemptions (dino utils.get_params_groups; dinov2 utils/param_groups.py), DINOv2's fixed-length epoch (train/train.py
 OFFICIAL_EPOCH_LENGTH) and bicubic resizing (main_dino.py, dinov2 data/augmentations.py and transforms.py)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from selfsup.config import Config, load_recipe
+from selfsup.config import Config, apply, load_recipe
 from selfsup.data.views import resized_crop
 from selfsup.methods import build_method
 from selfsup.train.optim import build_optimizer, clip_gradients
@@ -121,12 +123,17 @@ def test_dinov2_imagenet_schedule_milestones_in_official_epochs():
     per_pass = 1_281_167 // cfg.optim.batch_size  # ImageNet-1k at batch 2048: 625 steps a pass
     total, epoch = run_length(cfg.optim, per_pass)
     assert (total, epoch) == (100 * 1250, 1250)
-    s = Schedules.build(cfg, total, epoch)
+    small = copy.deepcopy(cfg)  # the recipe's schedules on a small model
+    apply(small, {"backbone": {"arch": "vit_tiny", "depth": 1}, "dino": {"out_dim": 64, "hidden_dim": 32,
+                  "bottleneck_dim": 16}, "ibot": {"head_n_prototypes": 64, "head_hidden_dim": 32,
+                  "head_bottleneck_dim": 16}}, "test")
+    s = Schedules.build(cfg, build_method(small).schedules(), total, epoch)
+    teacher_temp, frozen, momentum = (s.method[k] for k in ("teacher_temp", "freeze_last_layer", "momentum"))
     warmup = 10 * 1250  # the reference: lr warm-up 10 epochs, teacher temp 30, last layer frozen 1, of 1250 its
     assert int(np.argmax(s.lr)) == warmup and s.lr[warmup - 1] < s.lr[warmup]
-    assert s.teacher_temp[30 * 1250 - 1] < 0.07 and s.teacher_temp[30 * 1250] == pytest.approx(0.07)
-    assert s.freeze_last_layer_steps == 1250
-    assert s.momentum[-1] == pytest.approx(1.0) and len(s.lr) == 125_000
+    assert teacher_temp[30 * 1250 - 1] < 0.07 and teacher_temp[30 * 1250] == pytest.approx(0.07)
+    assert frozen.sum() == 1250 and frozen[1249] == 1 and s.first_full_step == 1250
+    assert momentum[-1] == pytest.approx(1.0) and len(s.lr) == 125_000
     cfg.optim.epoch_length = None  # without it an epoch is a pass: half the reference's steps
     assert run_length(cfg.optim, per_pass) == (62_500, 625)
 

@@ -1,10 +1,15 @@
 """Every method of the family trains a few steps end to end: finite losses, gradients only in the student,
 the momentum networks follow it, and the pieces each method adds (queue, masks, heads, EMA) do their job."""
+import shutil
+
 import pytest
 import torch
 
-from selfsup.methods import resolve_init
+from selfsup.errors import UserError
+from selfsup.methods import build_method, resolve_init
+from selfsup.train.checkpoint import load_checkpoint
 from selfsup.train.trainer import Trainer
+from selfsup.weights import load
 from tiny import tiny_config
 
 HEADS = {"simclr": {"hidden_dim": 32, "out_dim": 16}, "byol": {"hidden_dim": 32, "out_dim": 16},
@@ -114,7 +119,7 @@ def test_distill_from_a_dinov2_run_keeps_the_student_ema(tmp_path):
     teacher_cfg = config("dinov2", steps=1, ibot={**HEADS["ibot"], "separate_head": True})
     run(teacher_cfg, tmp_path, "teacher")
     cfg = config("distill", steps=2, distill={"teacher": str(tmp_path / "teacher")},
-                 ibot={**HEADS["ibot"], "mask_sample_probability": 0.0})
+                 ibot={**HEADS["ibot"], "mask_sample_probability": 0.0}, dino={"out_dim": 128})
     trainer = Trainer(cfg, tmp_path / "student")
     m = trainer.method
     frozen = snapshot(m.teacher)
@@ -123,6 +128,23 @@ def test_distill_from_a_dinov2_run_keeps_the_student_ema(tmp_path):
     assert m.backbone() is m.student_ema["backbone"]
     assert m.student["head"].last_layer.weight_v.shape[0] == teacher_cfg.dino.out_dim
     assert "ibot_head" in m.student
+    # the saved config is the one that built the student; its backbone loads without the teacher run
+    saved = load_checkpoint(tmp_path / "student")["config"]
+    assert saved["dino"]["out_dim"] == teacher_cfg.dino.out_dim != cfg.dino.out_dim
+    shutil.rmtree(tmp_path / "teacher")
+    kept = load(tmp_path / "student" / "checkpoint-00000002.pt").backbone
+    assert all(torch.equal(v, m.backbone().state_dict()[k]) for k, v in kept.state_dict().items())
+    with pytest.raises(UserError, match=f"distill.teacher={tmp_path / 'teacher'}: no such run folder"):
+        Trainer(cfg, tmp_path / "again")
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "byol", "dino", "ibot", "dinov2"])
+def test_the_kept_prefix_names_the_evaluated_backbone(method):
+    m = build_method(config(method))
+    prefix = type(m).keeps + "."
+    kept = {k[len(prefix):]: v for k, v in m.state_dict().items() if k.startswith(prefix)}
+    own = m.backbone().state_dict()
+    assert kept.keys() == own.keys() and all(v is own[k] or torch.equal(v, own[k]) for k, v in kept.items())
 
 
 def test_init_from_loads_the_whole_method_or_only_the_backbone(tmp_path):

@@ -15,7 +15,7 @@ from selfsup.methods import build_method
 from selfsup.methods.base import Batch
 from selfsup.nn import build_backbone
 from selfsup.train.optim import build_optimizer, set_schedule
-from selfsup.train.schedules import Progress, Schedules
+from selfsup.train.schedules import Schedules
 from tiny import losses, tiny_config
 
 D, DEPTH, HEADS, PATCH, GRID = 384, 12, 12, 16, 14  # vits.py vit_small at 224 px
@@ -182,7 +182,7 @@ def test_one_step_leaves_the_patch_projection_and_position_embedding_and_decays_
     set_schedule(optimizer, lr=1e-3, weight_decay=0.1)
     B = 4  # 64 px views: the 14 x 14 sin-cos table is resized to 4 x 4
     batch = Batch(torch.randn(2 * B, 3, 64, 64), None, None, torch.zeros(B), 2, 0)
-    out = m(batch, Progress(0, Schedules.build(recipe, 10, 10)))
+    out = m(batch, Schedules.build(recipe, m.schedules(), 10, 10).progress(0))
     out["loss"].backward()
     optimizer.step()
     changed = {n for n, p in named.items() if not torch.equal(p, before[n])}

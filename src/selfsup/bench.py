@@ -185,7 +185,7 @@ def method_workload(cfg: Config, device: torch.device) -> Workload:
     cfg.data.source = "digits"  # the trainer wants a source; the timed steps use synthetic views
     cfg.optim.steps = 1000
     trainer = Trainer(cfg, Path(tempfile.gettempdir()) / "selfsup-bench-unused")
-    trainer.step = max(trainer.schedules.freeze_last_layer_steps, trainer.total_steps // 2)
+    trainer.step = max(trainer.first_full_step, trainer.total_steps // 2)
     if cfg.train.compile:
         trainer.model = torch.compile(trainer.model)
     views = synthetic_views(cfg, trainer.multicrop, cfg.optim.batch_size)

@@ -21,9 +21,10 @@ import yaml
 from .errors import UserError
 
 RECIPES = Path(__file__).parent / "configs"
+RECIPE_DIRS: list[Path] = [RECIPES]  # the shipped recipes, then those of methods registered with theirs
 
 # the choices of keys whose values other modules implement (tests/test_config_checks.py holds them to the same)
-METHOD_NAMES = ("simclr", "moco", "byol", "dino", "ibot", "dinov2", "distill")  # selfsup.methods.METHODS
+METHOD_NAMES = ["simclr", "moco", "byol", "dino", "ibot", "dinov2", "distill"]  # selfsup.methods.register_method
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")  # selfsup.nn.vit.VIT_SIZES
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # selfsup.nn.resnet.RESNETS
 
@@ -437,6 +438,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# 1: every section saved, no version key; 2: a run saves the shared sections and its method's own (issue 14)
+CONFIG_VERSION = 2
+METHOD_SECTIONS = ("dino", "teacher", "simclr", "moco", "byol", "ibot", "dinov2", "distill")
+
+
+def run_dict(cfg: Config, sections: tuple[str, ...]) -> dict:
+    """What a run saves (config.yaml, checkpoints): its version, the shared sections and its method's own
+    `sections` (Method.sections); a missing section reads back as its defaults."""
+    kept = {k: v for k, v in to_dict(cfg).items() if k not in METHOD_SECTIONS or k in sections}
+    return {"config_version": CONFIG_VERSION, **kept}
+
+
 def to_dict(cfg: Any) -> dict:
     """A plain dict (tuples as lists) for YAML and checkpoints."""
     out = {}
@@ -500,6 +513,12 @@ def apply(cfg: Any, values: dict, where: str, prefix: str = "") -> None:
     """Set `values` (a nested dict) on the dataclass `cfg`, checking every key and type."""
     if not isinstance(values, dict):
         raise UserError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys to values")
+    if isinstance(cfg, Config) and "config_version" in values:  # a saved run's; older versions read as they are
+        values = dict(values)
+        version = values.pop("config_version")
+        if version not in range(1, CONFIG_VERSION + 1):
+            raise UserError(f"{where}: config_version {version!r} (this selfsup reads 1 to {CONFIG_VERSION}: "
+                            "a newer selfsup wrote it)")
     hints = _hints(type(cfg))
     for k, v in values.items():
         key = f"{prefix}{k}"
@@ -574,15 +593,20 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def shipped_recipe(name: str) -> Path | None:
+    """The recipe `name` among those shipped with selfsup or with a registered method."""
+    return next((d / f"{name}.yaml" for d in RECIPE_DIRS if (d / f"{name}.yaml").exists()), None)
+
+
 def recipe_path(name_or_path: str) -> Path:
-    """A recipe by path, or by name among the recipes shipped with selfsup."""
+    """A recipe by path, or by name among the recipes shipped with selfsup or a registered method."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
-    shipped = RECIPES / f"{p.stem}.yaml"
-    if shipped.exists() and p.parent == Path("."):
+    shipped = shipped_recipe(p.stem)
+    if shipped is not None and p.parent == Path("."):
         return shipped
-    names = ", ".join(sorted(r.stem for r in RECIPES.glob("*.yaml")))
+    names = ", ".join(sorted({r.stem for d in RECIPE_DIRS for r in d.glob("*.yaml")}))
     raise UserError(f"config '{name_or_path}' not found (a YAML file, or one of: {names})")
 
 
@@ -615,8 +639,8 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def save(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save(cfg: Config, path: Path, sections: tuple[str, ...] = METHOD_SECTIONS) -> None:
+    path.write_text(yaml.safe_dump(run_dict(cfg, sections), sort_keys=False))
 
 
 def from_dict(values: dict, where: str = "config") -> Config:

@@ -97,14 +97,16 @@ def _from_export(path: Path) -> Loaded:
 
 
 def _from_checkpoint(state: dict, where: str) -> Loaded:
-    from .methods import build_method
+    """The network the run's method keeps, read by its state-dict prefix: no method (nor a distillation's
+    teacher run) is built."""
+    from .methods import method_class
 
     cfg = Config()
     apply(cfg, state["config"], where)
-    method = build_method(cfg)
-    method.load_state_dict(state["method_state"])
-    return Loaded(method.backbone().eval(), cfg.backbone, eval_size(cfg), cfg.crops.mean, cfg.crops.std,
-                  where)
+    prefix = method_class(cfg.method).keeps + "."
+    weights = {k[len(prefix):]: v for k, v in state["method_state"].items() if k.startswith(prefix)}
+    return Loaded(with_weights(cfg.backbone, weights, where), cfg.backbone, eval_size(cfg), cfg.crops.mean,
+                  cfg.crops.std, where)
 
 
 def run_backbone_file(run: Path) -> Path | None:

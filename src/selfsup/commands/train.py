@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RECIPES, Config, apply, highres_crops, load_recipe, parse_override, validate
+from ..config import Config, apply, highres_crops, load_recipe, parse_override, shipped_recipe, validate
 from ..data.builtin import BUILTIN
 from ..machine import process_start, usable_cores
 from ..progress import format_duration
@@ -89,7 +89,7 @@ def default_recipe(method: str, data: str) -> str | None:
     """The shipped recipe for built-in data (`<method>_scenes` on scenes, else `<method>_mnist5k`); None where the
     recipe is to be fitted (a folder, shards, or scenes for a method without a scenes recipe)."""
     if data == "scenes":
-        return f"{method}_scenes" if (RECIPES / f"{method}_scenes.yaml").exists() else None
+        return f"{method}_scenes" if shipped_recipe(f"{method}_scenes") is not None else None
     return f"{method}_mnist5k" if data in BUILTIN else None
 
 
@@ -204,8 +204,9 @@ def run_folder(cfg: Config, explicit: str | None, resume: bool) -> Path:
 def table_text(table: dict, cfg: Config) -> str:
     spec = cfg.data.eval_source or cfg.data.source
     lines = [f"weighted k-NN (k={cfg.eval.k}, T={cfg.eval.temperature}) on the test split of {spec}:"]
-    kept = {"dino": "teacher backbone", "ibot": "teacher backbone", "dinov2": "teacher backbone", "distill": "student EMA"}
-    rows = [(f"trained ({kept.get(cfg.method, 'backbone')})", "trained"),
+    from ..methods import method_class
+
+    rows = [(f"trained ({method_class(cfg.method).keeps_label})", "trained"),
             ("same architecture, random init", "random_init"), ("raw pixels", "raw_pixels")]
     for label, key in rows:
         r = table[key]

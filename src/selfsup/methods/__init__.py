@@ -1,13 +1,18 @@
-"""The method family, by the name `selfsup train --method NAME` takes."""
+"""The method family, by the name `selfsup train --method NAME` takes. A method is one file: its class, with
+its schedules, hooks and the network it keeps; `register_method` adds one at run time."""
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Callable
 
-from ..config import Config
+from torch import nn
+
+from ..config import METHOD_NAMES, RECIPE_DIRS, Config
 from ..errors import UserError
 from .base import Method
 
-METHODS = {
+METHODS: dict[str, str | type[Method]] = {  # a class, or "module.Class" of this package, imported when used
     "simclr": "simclr.SimCLR",
     "moco": "moco.MoCo",
     "byol": "byol.BYOL",
@@ -23,12 +28,28 @@ def check_method(name: str) -> None:
         raise UserError(f"unknown method '{name}' (expected one of: {', '.join(METHODS)})")
 
 
-def build_method(cfg: Config) -> Method:
-    check_method(cfg.method)
-    import importlib
+def register_method(name: str, cls: type[Method], recipes: Path | None = None) -> None:
+    """Make `cls` trainable as `method: NAME` (config, CLI, checkpoints); `recipes`: a folder of its recipes
+    (`NAME_mnist5k.yaml`, ...), found by name like the shipped ones."""
+    METHODS[name] = cls
+    if name not in METHOD_NAMES:
+        METHOD_NAMES.append(name)
+    if recipes is not None and Path(recipes) not in RECIPE_DIRS:
+        RECIPE_DIRS.append(Path(recipes))
 
-    module, cls = METHODS[cfg.method].rsplit(".", 1)
-    return getattr(importlib.import_module(f".{module}", __name__), cls)(cfg)
+
+def method_class(name: str) -> type[Method]:
+    check_method(name)
+    entry = METHODS[name]
+    if isinstance(entry, str):
+        module, cls = entry.rsplit(".", 1)
+        return getattr(importlib.import_module(f".{module}", __name__), cls)
+    return entry
+
+
+def build_method(cfg: Config, **networks: nn.Module) -> Method:
+    """The method `cfg.method` built from `cfg`, given the networks its `inputs` returned."""
+    return method_class(cfg.method)(cfg, **networks)
 
 
 def resolve_init(cfg: Config, path: str) -> Callable[[Method], str]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import BackboneConfig, Config, CropsConfig
-from ..train.schedules import Progress
+from .schedule import Progress, Schedule
 from ..train.watchdog import CollapseCheck
 
 
@@ -41,6 +41,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
 
+def momentum_schedule(cfg: Config) -> Schedule:
+    """The teacher's EMA momentum: a cosine from teacher.momentum to teacher.momentum_end (DINO Sec. 3.1,
+    BYOL Sec. 3.2; constant in MoCo, whose recipes set both equal)."""
+    return Schedule(cfg.teacher.momentum, cfg.teacher.momentum_end)
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A teacher: a copy that takes no gradient and stays in eval mode (no drop path)."""
     import copy
@@ -67,12 +73,17 @@ def momentum_teacher(student: nn.ModuleDict, backbone_cfg: BackboneConfig, parts
 class Method(nn.Module):
     """A self-supervised method: owns its networks and its loss.
 
+    schedules(): the per-step values it reads from `progress` (teacher temperature, momentum, ...), by name.
     forward(batch, progress) -> named losses and metrics; "loss" is the one optimised.
+    before_optimizer_step(progress): what it does to the gradients first (DINO's frozen last layer).
     after_step(progress): EMA teacher and other updates that follow the optimiser step.
     backbone(): the network kept and evaluated.
     """
 
     name: str = ""
+    keeps: str = "student.backbone"  # the state-dict prefix of the network kept and evaluated (`backbone()`)
+    keeps_label: str = "backbone"  # what the reports call it
+    sections: tuple[str, ...] = ()  # the config sections of its own it reads, saved with its runs
     local_batchnorm: bool = False  # True: BatchNorm stays per rank under torchrun (MoCo's shuffling BN)
     clip_mode: str = "global"  # optim.clip_mode=auto: the reference's gradient clipping (train/optim.clip_gradients)
     no_decay: str = "ndim"  # which parameters skip weight decay (train/optim.no_weight_decay)
@@ -81,12 +92,25 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
 
+    @classmethod
+    def inputs(cls, cfg: Config, read_run: Callable[[str, str], dict]) -> tuple[Config, dict[str, nn.Module]]:
+        """The config that builds this method and the networks it is given besides (a distillation's frozen
+        teacher). `read_run(spec, key)` is the caller's reader of a run's checkpoint: methods do no I/O."""
+        return cfg, {}
+
     def masking(self, crops: CropsConfig | None = None) -> Callable | None:
         """A mask generator for the global crops (iBOT) of `crops` (default: the config's), or None."""
         return None
 
+    def schedules(self) -> dict[str, Schedule]:
+        """The per-step values `progress` carries for this method; the trainer builds them over the run."""
+        return {}
+
     def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """After backward, before gradient clipping and the optimiser step."""
 
     def after_step(self, progress: Progress) -> None:
         pass
@@ -97,10 +121,6 @@ class Method(nn.Module):
     def student_modules(self) -> dict[str, nn.Module]:
         """The trained networks by name (for optimiser groups and gradient clipping)."""
         raise NotImplementedError
-
-    def last_layer_params(self) -> list[nn.Parameter]:
-        """Parameters frozen during the first epoch(s) (DINO's prototypes)."""
-        return []
 
     def collapse_checks(self) -> list[CollapseCheck]:
         """The collapse monitors the trainer's watchdog watches in this method's metrics."""

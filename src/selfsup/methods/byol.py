@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import Config
 from ..nn.heads import ProjectionMLP
-from ..train.schedules import Progress
+from .schedule import Progress
 from ..train.watchdog import CollapseCheck, spread_check
 from .base import Batch
 from .siamese import MomentumSiamese
@@ -24,6 +24,7 @@ class BYOL(MomentumSiamese):
     tau on a cosine from 0.996 to 1 (BYOL Sec. 3.1, 3.2: teacher.momentum)."""
 
     name = "byol"
+    sections = ("byol", "teacher")
 
     def __init__(self, cfg: Config):
         b = cfg.byol

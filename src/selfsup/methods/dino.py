@@ -11,9 +11,9 @@ from ..config import Config
 from ..nn import backbone_from_config, feature_dim
 from ..nn.heads import DINOHead
 from ..train import distributed
-from ..train.schedules import Progress
+from .schedule import Progress, Schedule
 from ..train.watchdog import CollapseCheck, teacher_checks
-from .base import Batch, Method, ema_update, momentum_teacher
+from .base import Batch, Method, ema_update, momentum_schedule, momentum_teacher
 
 
 def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tensor], student_temp: float) -> torch.Tensor:
@@ -53,9 +53,8 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 class DINO(Method):
     name = "dino"
-    # the prototypes' first epoch(s) (last_layer_params): "grad" drops their gradient (dino utils.py
-    # cancel_gradients_last_layer: no update, no Adam moments, outside the clip norm); "lr" (DINOv2) sets their lr to 0
-    freeze_last_layer_by = "grad"
+    keeps, keeps_label = "teacher.backbone", "teacher backbone"  # DINO evaluates the teacher
+    sections = ("dino", "teacher")
     clip_mode = "param"  # DINO, iBOT utils.clip_gradients: each tensor to clip_grad
 
     def __init__(self, cfg: Config):
@@ -74,6 +73,22 @@ class DINO(Method):
     def teachers(self) -> list[nn.Module]:
         return [self.teacher]
 
+    def schedules(self) -> dict[str, Schedule]:
+        t = self.cfg.teacher
+        # tau_t warmed up linearly, then constant (DINO Sec. 4.2, main_dino.py DINOLoss.teacher_temp_schedule);
+        # the prototypes frozen for optim.freeze_last_layer_epochs (main_dino.py --freeze_last_layer)
+        return {"teacher_temp": Schedule(t.temp, warmup_epochs=t.warmup_temp_epochs, warmup_start=t.warmup_temp,
+                                         shape="constant"),
+                "momentum": momentum_schedule(self.cfg),
+                "freeze_last_layer": Schedule(shape="first", epochs=self.cfg.optim.freeze_last_layer_epochs)}
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """The frozen prototypes' gradient is dropped (dino utils.py cancel_gradients_last_layer): no update, no
+        Adam moments, outside the clip norm."""
+        if progress.freeze_last_layer:
+            for p in self.last_layer_params():
+                p.grad = None
+
     def train(self, mode: bool = True) -> "DINO":
         super().train(mode)
         if mode and self.cfg.dino.use_bn:
@@ -87,6 +102,7 @@ class DINO(Method):
         return teacher_checks(math.log(self.cfg.dino.out_dim))
 
     def last_layer_params(self) -> list[nn.Parameter]:
+        """The prototypes: frozen during the first epoch(s)."""
         return list(self.student["head"].last_layer.parameters())
 
     def backbone(self) -> nn.Module:

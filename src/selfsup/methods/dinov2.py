@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import Config
 from ..errors import UserError
 from ..train import distributed
 from .dino import update_center
 from .ibot import IBOT
+from .schedule import Progress
 
 
 @torch.no_grad()
@@ -63,10 +65,8 @@ def update_patch_center(center: torch.Tensor, teacher_logits: torch.Tensor, mome
 
 class DINOv2(IBOT):
     name = "dinov2"
+    sections = ("dino", "teacher", "ibot", "dinov2")
     masking_rule = "dinov2"  # ibot.masking=auto (dinov2/data/collate.py collate_data_and_cast)
-    # the prototypes' first epoch(s): lr 0, the gradient kept (dinov2 train.py: last_layer_lr_schedule = 0), so
-    # Adam's moments accumulate and the gradient counts in the clip norm
-    freeze_last_layer_by = "lr"
     clip_mode = "module"  # train/ssl_meta_arch.py: backbone, DINO head and iBOT head each to clip_grad
     no_decay = "names"  # utils/param_groups.py: bias, norm and gamma
 
@@ -74,6 +74,26 @@ class DINOv2(IBOT):
         if cfg.dinov2.centering not in ("sinkhorn_knopp", "centering"):
             raise UserError(f"dinov2.centering={cfg.dinov2.centering}: expected sinkhorn_knopp or centering")
         super().__init__(cfg)
+        self.held: list[tuple[nn.Parameter, torch.Tensor]] = []  # frozen prototypes during one step
+
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """The frozen prototypes get lr 0 but keep their gradient (dinov2 train.py: last_layer_lr_schedule = 0),
+        so Adam's moments accumulate and the gradient counts in the clip norm: the step runs, then `after_step`
+        puts the weights back. Exactly lr 0 for AdamW and SGD, whose moments never see the lr (LARS puts it
+        inside its momentum: not exact)."""
+        self.held = [(p, p.detach().clone()) for p in self.last_layer_params() if p.grad is not None] \
+            if progress.freeze_last_layer else []
+
+    @torch.no_grad()
+    def put_back_frozen(self) -> None:
+        for p, weight in self.held:
+            p.copy_(weight)
+        self.held = []
+
+    @torch.no_grad()
+    def after_step(self, progress: Progress) -> None:
+        self.put_back_frozen()
+        super().after_step(progress)
 
     def teacher_probs(self, logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
         if self.cfg.dinov2.centering == "sinkhorn_knopp":

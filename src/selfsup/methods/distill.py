@@ -4,57 +4,57 @@ by default), and a spare EMA of the student, which is the model kept at the end.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import Config, apply
 from ..errors import UserError
-from ..train.checkpoint import load_checkpoint
-from ..train.schedules import Progress
+from .schedule import Progress
 from .base import Batch, ema_update
 from .dinov2 import DINOv2
 
 TEACHER_METHODS = ("dino", "ibot", "dinov2")
 
 
-def load_teacher(spec: str | None) -> tuple[nn.ModuleDict, Config]:
-    """The teacher networks (backbone and heads) of a selfsup dino / ibot / dinov2 run, frozen."""
-    from . import build_method
-
-    if not spec:
-        raise UserError("distill needs a teacher: distill.teacher=<run folder or checkpoint of a dino, ibot or "
-                        "dinov2 run>")
-    if not Path(spec).exists():
-        raise UserError(f"distill.teacher={spec}: no such run folder or checkpoint (train the teacher first, e.g. "
-                        "`selfsup train --method dinov2`, or set distill.teacher=RUN)")
-    state = load_checkpoint(spec)
-    cfg = Config()
-    apply(cfg, state["config"], spec)
-    if cfg.method not in TEACHER_METHODS:
-        raise UserError(f"distill.teacher={spec}: a '{cfg.method}' run has no DINO heads (expected a run of "
-                        f"{', '.join(TEACHER_METHODS)})")
-    method = build_method(cfg)
-    method.load_state_dict(state["method_state"])
-    return method.teacher, cfg  # already frozen (momentum_teacher)
-
-
 class Distill(DINOv2):
     name = "distill"
+    keeps, keeps_label = "student_ema.backbone", "student EMA"
+    sections = ("dino", "teacher", "ibot", "dinov2", "distill")
 
-    def __init__(self, cfg: Config):
-        teacher, tcfg = load_teacher(cfg.distill.teacher)
-        if tcfg.backbone.patch_size != cfg.backbone.patch_size:
-            raise UserError(f"distill: the student's patch size ({cfg.backbone.patch_size}) must equal the "
-                            f"teacher's ({tcfg.backbone.patch_size}) for the patch-level loss")
-        cfg = copy.deepcopy(cfg)  # the student's heads take the teacher's prototype counts
-        cfg.dino.out_dim = tcfg.dino.out_dim
-        cfg.ibot.separate_head = "ibot_head" in teacher
-        cfg.ibot.head_n_prototypes = tcfg.ibot.head_n_prototypes
+    def __init__(self, cfg: Config, teacher: nn.ModuleDict):
+        """`teacher`: the frozen networks (backbone and heads) of a dino / ibot / dinov2 run (`inputs`)."""
         super().__init__(cfg)
         self.student_ema = self.teacher  # DINO's momentum copy of the student is the spare EMA ...
         self.teacher = teacher  # ... and the teacher is the frozen pretrained one
+
+    @classmethod
+    def inputs(cls, cfg: Config, read_run: Callable[[str, str], dict]) -> tuple[Config, dict[str, nn.Module]]:
+        """The teacher run named by distill.teacher, frozen, and the config with the student's heads taking the
+        teacher's prototype counts (the config saved with the run is the one that built it)."""
+        from . import build_method
+
+        if not cfg.distill.teacher:
+            raise UserError("distill needs a teacher: distill.teacher=<run folder or checkpoint of a dino, ibot or "
+                            "dinov2 run>")
+        state = read_run(cfg.distill.teacher, "distill.teacher")
+        tcfg = Config()
+        apply(tcfg, state["config"], cfg.distill.teacher)
+        if tcfg.method not in TEACHER_METHODS:
+            raise UserError(f"distill.teacher={cfg.distill.teacher}: a '{tcfg.method}' run has no DINO heads "
+                            f"(expected a run of {', '.join(TEACHER_METHODS)})")
+        if tcfg.backbone.patch_size != cfg.backbone.patch_size:
+            raise UserError(f"distill: the student's patch size ({cfg.backbone.patch_size}) must equal the "
+                            f"teacher's ({tcfg.backbone.patch_size}) for the patch-level loss")
+        method = build_method(tcfg)
+        method.load_state_dict(state["method_state"])
+        teacher = method.teacher  # already frozen (momentum_teacher)
+        cfg = copy.deepcopy(cfg)
+        cfg.dino.out_dim = tcfg.dino.out_dim
+        cfg.ibot.separate_head = "ibot_head" in teacher
+        cfg.ibot.head_n_prototypes = tcfg.ibot.head_n_prototypes
+        return cfg, {"teacher": teacher}
 
     def teachers(self) -> list[nn.Module]:
         return [self.teacher, self.student_ema]
@@ -71,4 +71,5 @@ class Distill(DINOv2):
 
     @torch.no_grad()
     def after_step(self, progress: Progress) -> None:
+        self.put_back_frozen()
         ema_update(self.student_ema, self.student, progress.momentum)

@@ -11,7 +11,7 @@ from ..config import Config, CropsConfig
 from ..data.masking import BlockMasking, DINOv2Masking
 from ..nn import feature_dim
 from ..nn.heads import DINOHead
-from ..train.schedules import Progress
+from .schedule import Progress, Schedule
 from .base import Batch
 from .dino import DINO, centred_sharpened, dino_loss, entropy, update_center
 
@@ -26,18 +26,13 @@ def masked_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return (ce * per_crop).sum() / masks.shape[0]
 
 
-def warmup_temp(progress: Progress, start: float, end: float, warmup_epochs: float) -> float:
-    """tau_t warmed up linearly from `start` to `end`, then constant (the shape of the [CLS] schedule)."""
-    warmup = progress.schedules.steps(warmup_epochs)
-    return end if progress.step >= warmup else start + (end - start) * progress.step / warmup
-
-
 class IBOT(DINO):
     """The student sees masked global crops (the mask token replaces masked patch embeddings), the teacher the
     same crops whole. L = L_[CLS] (DINO over all crop pairs) + L_MIM (same view, masked patches only), with the
     patch tokens' own centre and temperature. One head for [CLS] and patches (iBOT), or untied heads."""
 
     name = "ibot"
+    sections = ("dino", "teacher", "ibot")
     masking_rule = "ibot"  # ibot.masking=auto: whose masking rule (bytedance/ibot loader.py ImageFolderMask)
 
     def __init__(self, cfg: Config):
@@ -56,6 +51,14 @@ class IBOT(DINO):
     @staticmethod
     def patch_head(net: nn.ModuleDict) -> nn.Module:
         return net["ibot_head"] if "ibot_head" in net else net["head"]
+
+    def schedules(self) -> dict[str, Schedule]:
+        """DINO's, and the patch tokens' own teacher temperature, warmed up like the [CLS] one (main_ibot.py
+        iBOTLoss.teacher_temp2_schedule, over --warmup_teacher_patch_temp_epochs = the [CLS] warm-up)."""
+        i = self.cfg.ibot
+        return {**super().schedules(), "patch_temp": Schedule(i.teacher_temp, warmup_start=i.warmup_teacher_temp,
+                                                               warmup_epochs=self.cfg.teacher.warmup_temp_epochs,
+                                                               shape="constant")}
 
     def last_layer_params(self) -> list[nn.Parameter]:
         extra = list(self.student["ibot_head"].last_layer.parameters()) if "ibot_head" in self.student else []
@@ -110,13 +113,12 @@ class IBOT(DINO):
     def forward(self, batch: Batch, progress: Progress) -> dict[str, torch.Tensor]:
         i, d = self.cfg.ibot, self.cfg.dino
         positions = self.loss_positions(batch)
-        patch_temp = warmup_temp(progress, i.warmup_teacher_temp, i.teacher_temp, self.cfg.teacher.warmup_temp_epochs)
         with torch.no_grad():  # the teacher sees the global crops unmasked
             t = self.teacher["backbone"].forward_features(batch.global_crops)
             t_cls = self.teacher["head"](t["x_norm_clstoken"])
             t_patch, t_patch_for_center = self.teacher_patch_logits(t["x_norm_patchtokens"], positions)
             p_cls = self.teacher_probs(t_cls, self.center, progress.teacher_temp)
-            p_patch = self.teacher_probs(t_patch, self.center_patch, patch_temp)
+            p_patch = self.teacher_probs(t_patch, self.center_patch, progress.patch_temp)
         crops = [batch.global_crops] + ([batch.local_crops] if batch.local_crops is not None else [])
         student_masks = [batch.masks] + [None] * (len(crops) - 1)
         outs = self.student["backbone"].forward_features_list(crops, student_masks)

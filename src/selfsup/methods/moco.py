@@ -11,7 +11,7 @@ from ..config import VIT_ARCHS, Config
 from ..errors import UserError
 from ..nn.heads import ProjectionMLP
 from ..train import distributed
-from ..train.schedules import Progress
+from .schedule import Progress
 from ..train.watchdog import CollapseCheck, spread_check
 from .base import Batch
 from .contrastive import info_nce, info_nce_queue
@@ -34,6 +34,7 @@ class MoCo(MomentumSiamese):
     negative keys, momentum 0.999, shuffling BN for BatchNorm backbones (recipe moco_v2_imagenet)."""
 
     name = "moco"
+    sections = ("moco", "teacher")
 
     def __init__(self, cfg: Config):
         m = cfg.moco

@@ -8,8 +8,8 @@ from torch import nn
 
 from ..config import Config
 from ..nn import backbone_from_config, feature_dim
-from ..train.schedules import Progress
-from .base import Batch, Method, ema_update, momentum_teacher
+from .schedule import Progress, Schedule
+from .base import Batch, Method, ema_update, momentum_schedule, momentum_teacher
 from .simclr import two_views
 
 
@@ -25,6 +25,9 @@ class MomentumSiamese(Method):
 
     def teachers(self) -> list[nn.Module]:
         return [self.teacher]
+
+    def schedules(self) -> dict[str, Schedule]:
+        return {"momentum": momentum_schedule(self.cfg)}
 
     def train(self, mode: bool = True) -> "MomentumSiamese":
         # the target's BatchNorm uses batch statistics, as in BYOL's and MoCo v3's code (its running

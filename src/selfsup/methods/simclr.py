@@ -9,7 +9,7 @@ from ..config import Config
 from ..errors import UserError
 from ..nn import backbone_from_config, feature_dim
 from ..nn.heads import ProjectionMLP
-from ..train.schedules import Progress
+from .schedule import Progress
 from ..train.watchdog import CollapseCheck, spread_check
 from .base import Batch, Method
 from .contrastive import nt_xent
@@ -30,6 +30,7 @@ class SimCLR(Method):
     """f(.) a backbone, g(.) a projection MLP with BatchNorm; NT-Xent on z = g(f(x)) of both views (SimCLR Fig. 2)."""
 
     name = "simclr"
+    sections = ("simclr",)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

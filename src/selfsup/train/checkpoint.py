@@ -100,6 +100,13 @@ def load_latest(run_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
+def read_run(spec: str, key: str) -> dict:
+    """The checkpoint a config key names (a run folder: its latest), for a method's `inputs`."""
+    if not Path(spec).exists():
+        raise UserError(f"{key}={spec}: no such run folder or checkpoint")
+    return load_checkpoint(Path(spec))
+
+
 def load_checkpoint(path: Path) -> dict:
     """A selfsup checkpoint file, or the latest one of a run folder."""
     path = Path(path)

@@ -237,7 +237,7 @@ def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float
     cfg, device = trainer.cfg, trainer.device
     saved = trainer.snapshot()
     try:
-        trainer.step = min(trainer.schedules.freeze_last_layer_steps, trainer.total_steps - 1)  # every parameter trains
+        trainer.step = trainer.first_full_step
         lines = fit_memory(trainer, choose_batch)
         batch, workers = cfg.optim.batch_size, cfg.data.num_workers
         step_s, load_s = stage_seconds(trainer, trainer.multicrop, batch)

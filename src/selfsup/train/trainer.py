@@ -14,23 +14,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config, highres_crops, parse_duration, save, to_dict
+from ..config import Config, highres_crops, parse_duration, run_dict, save
 from ..data.builtin import open_source
 from ..data.loader import epoch_loader, make_batches
 from ..data.views import MultiCrop, Photometric
 from ..errors import UserError
 from ..machine import free_memory, process_memory
-from ..methods import build_method
+from ..methods import build_method, method_class
 from ..methods.base import Batch, Method
 from ..nn.attention import set_attention_backend
 from ..nn.sample_rng import sample_streams
 from . import distributed
-from .checkpoint import last_before, latest, load_latest, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import last_before, latest, load_latest, read_run, rng_state, save_checkpoint, set_rng_state
 from .optim import build_optimizer, clip_gradients, set_schedule
 from ..progress import format_duration
 from .plan import human_bytes, is_out_of_memory, plan_run
 from .runlog import RunLog
-from .schedules import Progress, Schedules, run_length
+from .schedules import Schedules, run_length
 from .watchdog import Watchdog
 
 log = logging.getLogger("selfsup")
@@ -100,6 +100,8 @@ def trim_metrics(path: Path, step: int) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, out: Path, resume: bool = False, run_log: RunLog | None = None):
+        # the config that builds the method (a distillation's heads take its teacher's sizes) is the one saved
+        cfg, networks = method_class(cfg.method).inputs(cfg, read_run)
         self.cfg, self.out, self.resume = cfg, out, resume
         self.device = distributed.init(resolve_device(cfg.train.device))
         if cfg.train.threads:
@@ -107,7 +109,7 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.source = training_source(cfg.data.source)
         torch.manual_seed(cfg.train.seed)
-        method = build_method(cfg)
+        method = build_method(cfg, **networks)
         if not method.local_batchnorm:
             method = distributed.sync_batchnorm(method, self.device)
         self.method = method.to(self.device)
@@ -140,7 +142,7 @@ class Trainer:
         self.batches = make_batches(self.source, self.multicrop, o.batch_size, self.rank, self.world, cfg.train.seed)
         self.steps_per_epoch = len(self.batches)  # a pass over the data: checkpoints and the loader's epochs
         self.total_steps, schedule_epoch = run_length(o, self.steps_per_epoch)
-        self.schedules = Schedules.build(cfg, self.total_steps, schedule_epoch)
+        self.schedules = Schedules.build(cfg, self.method.schedules(), self.total_steps, schedule_epoch)
         self.highres_start = self.total_steps  # the step the high-resolution stage begins at
         if self.highres is not None:  # highres.steps, scaled to the run like the recipe's epoch counts
             steps = max(1, round(cfg.highres.steps * self.schedules.epoch_scale))
@@ -149,6 +151,11 @@ class Trainer:
             self.highres_batches = make_batches(self.source, self.highres_multicrop,
                                                 self.batch_size(self.total_steps - 1), self.rank, self.world,
                                                 cfg.train.seed)
+
+    @property
+    def first_full_step(self) -> int:
+        """The first step at which every parameter trains (after what the method's schedules hold back)."""
+        return min(self.schedules.first_full_step, self.total_steps - 1)
 
     def batch_size(self, step: int) -> int:
         """The global batch of step `step` (0-based): highres.batch_size in the high-resolution stage."""
@@ -169,7 +176,7 @@ class Trainer:
     def state(self) -> dict:
         """Everything a run needs to continue; under FSDP gathered from all ranks (every rank must call)."""
         method_state, optimizer = distributed.full_state(self.method, self.optimizer)
-        return {"method_state": method_state, "optimizer": optimizer, "step": self.step, "config": to_dict(self.cfg), "rng": rng_state(), "method": self.cfg.method,
+        return {"method_state": method_state, "optimizer": optimizer, "step": self.step, "config": run_dict(self.cfg, self.method.sections), "rng": rng_state(), "method": self.cfg.method,
                 "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
 
     def load_state(self, state: dict) -> None:
@@ -211,7 +218,7 @@ class Trainer:
         state, _ = distributed.full_state(self.method)
         if not distributed.is_main():
             return None
-        whole = build_method(self.cfg)
+        whole = build_method(self.cfg, **method_class(self.cfg.method).inputs(self.cfg, read_run)[1])
         whole.load_state_dict(state)
         return whole.to(self.device)
 
@@ -224,7 +231,7 @@ class Trainer:
                      c.n_local if local is not None else 0)
 
     def train_step(self, views) -> dict[str, float] | None:
-        progress = Progress(self.step, self.schedules)
+        progress = self.schedules.progress(self.step)
         lr = float(self.schedules.lr[self.step])
         wd = float(self.schedules.weight_decay[self.step])
         set_schedule(self.optimizer, lr, wd)
@@ -243,25 +250,15 @@ class Trainer:
             for b, old in zip(self.method.buffers(), saved):
                 b.copy_(old)
             return None
-        frozen = self.method.last_layer_params() if self.step < self.schedules.freeze_last_layer_steps else []
-        by_lr = getattr(self.method, "freeze_last_layer_by", "grad") == "lr"
-        if not by_lr:  # DINO (utils.cancel_gradients_last_layer): no update, no Adam moments, not clipped
-            for p in frozen:
-                p.grad = None
-        # DINOv2 (train.py: last-layer lr 0): the step runs on the gradient, then the weight is put back: exactly
-        # lr 0 for AdamW and SGD, whose moments never see the lr (LARS puts it inside its momentum: not exact)
-        held = [(p, p.detach().clone()) for p in frozen if p.grad is not None] if by_lr else []
+        self.method.before_optimizer_step(progress)
         if self.cfg.optim.clip_grad > 0:
             mode = self.cfg.optim.clip_mode
             clip_gradients(self.method.student_modules(), self.cfg.optim.clip_grad,
                            self.method.clip_mode if mode == "auto" else mode)
         self.optimizer.step()
-        with torch.no_grad():
-            for p, weight in held:
-                p.copy_(weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(progress)
-        metrics.update(lr=lr, wd=wd, momentum=progress.momentum)
+        metrics.update(lr=lr, wd=wd, **progress.values())
         return metrics
 
     def reduce_metrics(self, out: dict) -> dict[str, float]:
@@ -302,7 +299,7 @@ class Trainer:
         if distributed.is_main():
             self.run_log.open(self.out)
             trim_metrics(self.out / "metrics.jsonl", self.step)  # steps of a run killed after its checkpoint
-            save(cfg, self.out / "config.yaml")  # as planned: a resumed run continues this plan
+            save(cfg, self.out / "config.yaml", self.method.sections)  # as planned: a resumed run continues this plan
         if cfg.train.compile:
             self.model = torch.compile(self.model)
         passes = self.total_steps / self.steps_per_epoch
