@@ -65,6 +65,6 @@ def test_moco_v2_recipe_is_the_paper():
     cfg = Config()
     load_recipe(cfg, "moco_v2_imagenet")
     assert (cfg.moco.version, cfg.moco.queue_size, cfg.moco.temperature) == (2, 65536, 0.2)
-    assert (cfg.teacher.momentum, cfg.teacher.momentum_end) == (0.999, 0.999)
+    assert (cfg.moco.momentum, cfg.moco.momentum_end) == (0.999, 0.999)
     assert (cfg.optim.optimizer, cfg.optim.lr, cfg.optim.batch_size, cfg.optim.weight_decay) == ("sgd", 0.03, 256, 1e-4)
     assert cfg.optim.decay_all and cfg.moco.shuffle_bn == 8

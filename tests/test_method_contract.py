@@ -11,7 +11,8 @@ import yaml
 from torch import nn
 
 from selfsup.cli import main
-from selfsup.config import METHOD_NAMES, METHOD_SECTIONS, RECIPE_DIRS, Config, from_dict, run_dict, to_dict
+from selfsup.config import (METHOD_NAMES, METHOD_SECTIONS, RECIPE_DIRS, Config, apply, from_dict, run_dict, to_dict,
+                            validate)
 from selfsup.errors import UserError
 from selfsup.methods import METHODS, Method, build_method, register_method
 from selfsup.methods.base import Batch
@@ -106,6 +107,19 @@ def test_a_run_saves_its_own_sections_and_a_version(tmp_path):
     assert run_dict(again, ("simclr",)) == saved and to_dict(again.dino) == to_dict(Config().dino)
     with pytest.raises(UserError, match="config_version 3 .* a newer selfsup wrote it"):
         from_dict({**saved, "config_version": 3})
+
+
+@pytest.mark.parametrize("method", ["byol", "moco"])
+def test_version_1_kept_byol_and_moco_momentum_in_teacher(method):
+    old = {"method": method, "teacher": {"momentum": 0.97, "momentum_end": 0.98, "temp": 0.07}}
+    cfg = from_dict(old)
+    section = getattr(cfg, method)
+    assert (section.momentum, section.momentum_end) == (0.97, 0.98)
+    assert to_dict(cfg.teacher) == to_dict(Config().teacher)
+    with pytest.raises(UserError, match=f"'teacher.momentum': 0.97 .*{method}'s momentum is {method}.momentum"):
+        cfg = from_dict({"method": method, "config_version": 2})
+        apply(cfg, {"teacher": {"momentum": 0.97}}, "command line")  # a command-line override
+        validate(cfg)
 
 
 def test_a_checkpoint_in_the_version_1_format_loads_and_resumes_bit_identically(tmp_path):

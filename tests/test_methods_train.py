@@ -38,7 +38,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("method,extra", [
     ("simclr", {}),
     ("moco", {}),
-    ("moco", {"moco": {"version": 2}, "teacher": {"momentum": 0.999, "momentum_end": 0.999}}),
+    ("moco", {"moco": {"version": 2, "momentum": 0.999, "momentum_end": 0.999}}),
     ("moco", {"moco": {"version": 2, "shuffle_bn": 2}, "backbone": {"arch": "resnet18", "cifar_stem": True}}),
     ("byol", {}),
     ("ibot", {"ibot": {"mask_sample_probability": 1.0}}),

@@ -104,7 +104,7 @@ def test_recipe_is_moco_v3_vit_small_with_its_hyper_parameters(recipe):
         "vit_small", 12, 16, 224, "sincos", True, "xavier")
     assert (recipe.moco.version, recipe.moco.temperature, recipe.moco.hidden_dim, recipe.moco.out_dim,
             recipe.moco.n_layers, recipe.moco.pred_hidden_dim) == (3, 0.2, 4096, 256, 3, 4096)
-    assert (recipe.teacher.momentum, recipe.teacher.momentum_end) == (0.99, 1.0)
+    assert (recipe.moco.momentum, recipe.moco.momentum_end) == (0.99, 1.0)
     assert (o.optimizer, o.lr, o.batch_size, o.lr_base_batch, o.epochs, o.warmup_epochs, o.min_lr) == (
         "adamw", 1.5e-4, 4096, 256, 300, 40, 0.0)
     assert (o.weight_decay, o.weight_decay_end, o.decay_all, o.clip_grad, o.betas) == (

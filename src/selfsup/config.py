@@ -228,10 +228,18 @@ class DinoConfig:
     loss_weight: float = checked(1.0, NON_NEGATIVE)
 
 
+def dino_teacher_only(default: float) -> Needs:
+    """teacher.* is the DINO family's teacher: BYOL's target and MoCo's key encoder have their own momentum."""
+    return Needs(lambda v, c: c.method not in ("byol", "moco") or v == default,
+                 lambda c: f"the default {default}: {c.method}'s momentum is {c.method}.momentum")
+
+
 @dataclass
 class TeacherConfig:
-    momentum: float = checked(0.996, UNIT)  # lambda, cosine schedule to momentum_end (DINO Sec. 3.1)
-    momentum_end: float = checked(1.0, UNIT)
+    """The DINO family's momentum teacher (DINO, iBOT, DINOv2, distill's spare EMA): EMA and temperature."""
+
+    momentum: float = checked(0.996, UNIT, dino_teacher_only(0.996))  # lambda, cosine to momentum_end (Sec. 3.1)
+    momentum_end: float = checked(1.0, UNIT, dino_teacher_only(1.0))
     temp: float = checked(0.07, POSITIVE)  # tau_t after the warm-up
     warmup_temp: float = checked(0.04, POSITIVE)
     warmup_temp_epochs: float = checked(30.0, NON_NEGATIVE)
@@ -264,6 +272,10 @@ class MocoConfig:
     # global batch (MoCo's GPUs; split among the ranks, a multiple of their number), the keys' groups drawn from
     # the shuffled global batch, so a query and its key do not share statistics; 0: off
     shuffle_bn: int = checked(0, NON_NEGATIVE)
+    # the key encoder's EMA: m from momentum, on a cosine to momentum_end (MoCo v3 main_moco.py --moco-m 0.99,
+    # --moco-m-cos; MoCo v2: 0.999 constant)
+    momentum: float = checked(0.99, UNIT)
+    momentum_end: float = checked(1.0, UNIT)
 
 
 @dataclass
@@ -273,6 +285,9 @@ class BYOLConfig:
     hidden_dim: int = checked(4096, AT_LEAST_1)
     out_dim: int = checked(256, AT_LEAST_1)
     predictor: bool = checked(True, ANY)  # False: the ablation that collapses (BYOL Sec. 5, Table 5b)
+    # the target's EMA: tau from momentum on a cosine to momentum_end (BYOL Sec. 3.2: tau_base 0.996 -> 1)
+    momentum: float = checked(0.996, UNIT)
+    momentum_end: float = checked(1.0, UNIT)
 
 
 @dataclass
@@ -438,7 +453,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# 1: every section saved, no version key; 2: a run saves the shared sections and its method's own (issue 14)
+# 1: every section saved, no version key, BYOL's and MoCo's EMA in `teacher`; 2: a run saves the shared sections
+# and its method's own, BYOL's and MoCo's EMA in their sections (issue 14)
 CONFIG_VERSION = 2
 METHOD_SECTIONS = ("dino", "teacher", "simclr", "moco", "byol", "ibot", "dinov2", "distill")
 
@@ -448,6 +464,22 @@ def run_dict(cfg: Config, sections: tuple[str, ...]) -> dict:
     `sections` (Method.sections); a missing section reads back as its defaults."""
     kept = {k: v for k, v in to_dict(cfg).items() if k not in METHOD_SECTIONS or k in sections}
     return {"config_version": CONFIG_VERSION, **kept}
+
+
+def upgraded(values: dict, where: str) -> dict:
+    """A whole config (a saved run's, or a recipe) in today's layout. Version 1 (no version key) kept BYOL's
+    target and MoCo's key-encoder momentum in `teacher`; they are now byol.momentum and moco.momentum."""
+    values = dict(values)
+    version = values.pop("config_version", 1)
+    if version not in range(1, CONFIG_VERSION + 1):
+        raise UserError(f"{where}: config_version {version!r} (this selfsup reads 1 to {CONFIG_VERSION}: a newer "
+                        "selfsup wrote it)")
+    method, teacher = values.get("method"), values.get("teacher")
+    if version == 1 and method in ("byol", "moco") and isinstance(teacher, dict):
+        ema = {k: teacher[k] for k in ("momentum", "momentum_end") if k in teacher}
+        values["teacher"] = {k: v for k, v in teacher.items() if k not in ema}
+        values[method] = {**(values.get(method) or {}), **ema}
+    return values
 
 
 def to_dict(cfg: Any) -> dict:
@@ -513,12 +545,8 @@ def apply(cfg: Any, values: dict, where: str, prefix: str = "") -> None:
     """Set `values` (a nested dict) on the dataclass `cfg`, checking every key and type."""
     if not isinstance(values, dict):
         raise UserError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys to values")
-    if isinstance(cfg, Config) and "config_version" in values:  # a saved run's; older versions read as they are
-        values = dict(values)
-        version = values.pop("config_version")
-        if version not in range(1, CONFIG_VERSION + 1):
-            raise UserError(f"{where}: config_version {version!r} (this selfsup reads 1 to {CONFIG_VERSION}: "
-                            "a newer selfsup wrote it)")
+    if isinstance(cfg, Config):
+        values = upgraded(values, where)
     hints = _hints(type(cfg))
     for k, v in values.items():
         key = f"{prefix}{k}"

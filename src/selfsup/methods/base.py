@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -41,10 +41,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
 
-def momentum_schedule(cfg: Config) -> Schedule:
-    """The teacher's EMA momentum: a cosine from teacher.momentum to teacher.momentum_end (DINO Sec. 3.1,
-    BYOL Sec. 3.2; constant in MoCo, whose recipes set both equal)."""
-    return Schedule(cfg.teacher.momentum, cfg.teacher.momentum_end)
+def momentum_schedule(section: Any) -> Schedule:
+    """An EMA's momentum: a cosine from `section.momentum` to `section.momentum_end` (DINO Sec. 3.1: teacher;
+    BYOL Sec. 3.2: byol; MoCo v3: moco, constant in MoCo v2 whose recipe sets both equal)."""
+    return Schedule(section.momentum, section.momentum_end)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:

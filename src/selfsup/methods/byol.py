@@ -21,10 +21,10 @@ def regression_loss(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 class BYOL(MomentumSiamese):
     """Online q_theta(z_theta) predicts the target's z'_xi of the other view; xi <- tau xi + (1 - tau) theta with
-    tau on a cosine from 0.996 to 1 (BYOL Sec. 3.1, 3.2: teacher.momentum)."""
+    tau on a cosine from 0.996 to 1 (BYOL Sec. 3.1, 3.2: byol.momentum)."""
 
     name = "byol"
-    sections = ("byol", "teacher")
+    sections = ("byol",)
 
     def __init__(self, cfg: Config):
         b = cfg.byol
@@ -38,4 +38,4 @@ class BYOL(MomentumSiamese):
 
     def collapse_checks(self) -> list[CollapseCheck]:
         return [spread_check("target_std", self.cfg.byol.out_dim, "keep the predictor (byol.predictor=true), a "
-                             "lower optim.lr, a teacher.momentum closer to 1")]
+                             "lower optim.lr, a byol.momentum closer to 1")]

@@ -79,7 +79,7 @@ class DINO(Method):
         # the prototypes frozen for optim.freeze_last_layer_epochs (main_dino.py --freeze_last_layer)
         return {"teacher_temp": Schedule(t.temp, warmup_epochs=t.warmup_temp_epochs, warmup_start=t.warmup_temp,
                                          shape="constant"),
-                "momentum": momentum_schedule(self.cfg),
+                "momentum": momentum_schedule(t),
                 "freeze_last_layer": Schedule(shape="first", epochs=self.cfg.optim.freeze_last_layer_epochs)}
 
     def before_optimizer_step(self, progress: Progress) -> None:

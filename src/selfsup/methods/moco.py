@@ -34,7 +34,7 @@ class MoCo(MomentumSiamese):
     negative keys, momentum 0.999, shuffling BN for BatchNorm backbones (recipe moco_v2_imagenet)."""
 
     name = "moco"
-    sections = ("moco", "teacher")
+    sections = ("moco",)
 
     def __init__(self, cfg: Config):
         m = cfg.moco
@@ -96,7 +96,7 @@ class MoCo(MomentumSiamese):
         return {"loss": loss, "key_std": spread(k2)}
 
     def collapse_checks(self) -> list[CollapseCheck]:
-        return [spread_check("key_std", self.cfg.moco.out_dim, "a lower optim.lr, a teacher.momentum closer to 1, "
+        return [spread_check("key_std", self.cfg.moco.out_dim, "a lower optim.lr, a moco.momentum closer to 1, "
                              "a lower moco.temperature")]
 
     @torch.no_grad()

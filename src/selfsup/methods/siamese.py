@@ -27,7 +27,7 @@ class MomentumSiamese(Method):
         return [self.teacher]
 
     def schedules(self) -> dict[str, Schedule]:
-        return {"momentum": momentum_schedule(self.cfg)}
+        return {"momentum": momentum_schedule(getattr(self.cfg, self.name))}  # byol.momentum, moco.momentum
 
     def train(self, mode: bool = True) -> "MomentumSiamese":
         # the target's BatchNorm uses batch statistics, as in BYOL's and MoCo v3's code (its running
