@@ -2,6 +2,7 @@
 config_version, older runs still loading and resuming), and a method defined outside the package (SimSiam,
 here) trains, resumes and is evaluated once registered, with no change to any other file."""
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -11,8 +12,8 @@ import yaml
 from torch import nn
 
 from selfsup.cli import main
-from selfsup.config import (METHOD_NAMES, METHOD_SECTIONS, RECIPE_DIRS, Config, apply, from_dict, run_dict, to_dict,
-                            validate)
+from selfsup.config import (EXTRA_SECTIONS, METHOD_NAMES, METHOD_SECTIONS, RECIPE_DIRS, Config, Range, apply, checked,
+                            from_dict, run_dict, to_dict, validate)
 from selfsup.errors import UserError
 from selfsup.methods import METHODS, Method, build_method, register_method
 from selfsup.methods.base import Batch
@@ -27,16 +28,24 @@ from test_methods_train import config
 from tiny import ARGS
 
 
+@dataclass
+class SimSiamConfig:
+    """Its own config section: projector and predictor sizes (SimSiam Sec. 3: 2048 and a 512 bottleneck)."""
+
+    hidden_dim: int = checked(512, Range(1))
+    out_dim: int = checked(2048, Range(1))
+
+
 class SimSiam(Method):
     """SimSiam (Chen & He, 2021): D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2 with D the negative cosine
-    (Eq. 1-2); no momentum encoder. Its sizes come from the byol section (projector and predictor)."""
+    (Eq. 1-2); no momentum encoder."""
 
     name = "simsiam"
-    sections = ("byol",)
+    sections = ("simsiam",)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        b = cfg.byol
+        b = cfg.simsiam
         backbone = backbone_from_config(cfg.backbone)
         self.student = nn.ModuleDict({"backbone": backbone,
                                       "projector": ProjectionMLP(feature_dim(backbone), b.hidden_dim, b.out_dim),
@@ -144,20 +153,23 @@ def test_a_checkpoint_in_the_version_1_format_loads_and_resumes_bit_identically(
 @pytest.fixture
 def registry():
     """The registries as they were, after the test."""
-    saved = dict(METHODS), list(METHOD_NAMES), list(RECIPE_DIRS)
+    saved = dict(METHODS), list(METHOD_NAMES), list(RECIPE_DIRS), dict(EXTRA_SECTIONS)
     yield
     METHODS.clear()
     METHODS.update(saved[0])
     METHOD_NAMES[:], RECIPE_DIRS[:] = saved[1], saved[2]
+    EXTRA_SECTIONS.clear()
+    EXTRA_SECTIONS.update(saved[3])
 
 
 def test_a_method_registered_at_run_time_trains_resumes_and_is_evaluated(tmp_path, capsys, registry):
     recipes = tmp_path / "recipes"  # a method is its file and its recipes
     recipes.mkdir()
     (recipes / "simsiam_mnist5k.yaml").write_text(yaml.safe_dump({
-        "method": "simsiam", "crops": {"n_local": 0}, "byol": {"hidden_dim": 64, "out_dim": 32},
+        "method": "simsiam", "crops": {"n_local": 0}, "simsiam": {"hidden_dim": 16, "out_dim": 32},
+        "backbone": {"arch": "vit_tiny"},
         "optim": {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-4, "weight_decay_end": 1e-4}}))
-    register_method("simsiam", SimSiam, recipes)
+    register_method("simsiam", SimSiam, recipes, SimSiamConfig)
     run = tmp_path / "run"
     base = [*ARGS, "crops.n_local=0", "train.checkpoint_every=1", "--method", "simsiam", "--out", str(run)]
     assert main(["train", *base, "--steps", "2"]) == 0
@@ -166,7 +178,10 @@ def test_a_method_registered_at_run_time_trains_resumes_and_is_evaluated(tmp_pat
     knn = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= knn["top1"] <= 100
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["method"] == "simsiam" and set(saved) & set(METHOD_SECTIONS) == {"byol"}
+    assert saved["method"] == "simsiam" and saved["simsiam"] == {"hidden_dim": 16, "out_dim": 32}
+    assert not set(saved) & set(METHOD_SECTIONS)  # none of the shipped methods' sections
+    bad = [*ARGS, "simsiam.hidden_dim=0", "--method", "simsiam", "--out", str(tmp_path / "bad")]
+    assert main(["train", *bad]) == 2 and not (tmp_path / "bad").exists()  # its keys are checked like the others
     kept = load(run).backbone.state_dict()
     trained = load_checkpoint(run)["method_state"]
     assert all(torch.equal(v, trained[f"student.backbone.{k}"]) for k, v in kept.items())

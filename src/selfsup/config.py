@@ -452,6 +452,27 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        for name, section in EXTRA_SECTIONS.items():  # sections of methods registered at run time
+            setattr(self, name, section())
+
+
+EXTRA_SECTIONS: dict[str, type] = {}  # register_section
+
+
+def register_section(name: str, section: type) -> None:
+    """The config section `name` of a method registered at run time (`selfsup.methods.register_method`): a
+    dataclass whose keys are declared with `checked`, like the shipped sections."""
+    if name in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"config section '{name}' exists already")
+    leaves(section, name + ".")  # a key without a rule fails here
+    EXTRA_SECTIONS[name] = section
+
+
+def section_names(cfg: Any) -> list[str]:
+    """The keys of a config dataclass; for a Config, with the registered sections."""
+    return [f.name for f in dataclasses.fields(cfg)] + (list(EXTRA_SECTIONS) if isinstance(cfg, Config) else [])
+
 
 # 1: every section saved, no version key, BYOL's and MoCo's EMA in `teacher`; 2: a run saves the shared sections
 # and its method's own, BYOL's and MoCo's EMA in their sections (issue 14)
@@ -462,7 +483,8 @@ METHOD_SECTIONS = ("dino", "teacher", "simclr", "moco", "byol", "ibot", "dinov2"
 def run_dict(cfg: Config, sections: tuple[str, ...]) -> dict:
     """What a run saves (config.yaml, checkpoints): its version, the shared sections and its method's own
     `sections` (Method.sections); a missing section reads back as its defaults."""
-    kept = {k: v for k, v in to_dict(cfg).items() if k not in METHOD_SECTIONS or k in sections}
+    own = (*METHOD_SECTIONS, *EXTRA_SECTIONS)
+    kept = {k: v for k, v in to_dict(cfg).items() if k not in own or k in sections}
     return {"config_version": CONFIG_VERSION, **kept}
 
 
@@ -485,9 +507,9 @@ def upgraded(values: dict, where: str) -> dict:
 def to_dict(cfg: Any) -> dict:
     """A plain dict (tuples as lists) for YAML and checkpoints."""
     out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+    for name in section_names(cfg):
+        v = getattr(cfg, name)
+        out[name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
     return out
 
 
@@ -547,11 +569,11 @@ def apply(cfg: Any, values: dict, where: str, prefix: str = "") -> None:
         raise UserError(f"{where}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys to values")
     if isinstance(cfg, Config):
         values = upgraded(values, where)
-    hints = _hints(type(cfg))
+    hints = _hints(type(cfg)) | (EXTRA_SECTIONS if isinstance(cfg, Config) else {})
     for k, v in values.items():
         key = f"{prefix}{k}"
         if k not in hints:
-            known = ", ".join(f.name for f in dataclasses.fields(cfg))
+            known = ", ".join(section_names(cfg))
             raise UserError(f"{where}: unknown config key '{key}' (known here: {known})")
         current = getattr(cfg, k)
         if dataclasses.is_dataclass(current):
@@ -599,8 +621,11 @@ def validate(cfg: Config, only: set[str] | None = None) -> None:
     """Hold the resolved config to every key's type and rules (`only`: these keys' own rules, none across
     keys): a UserError names the first bad value."""
     # the types first (a config built in code skips `apply`), so that rules across keys compare numbers
-    values = {key: _coerce(_value(cfg, key), leaf.type, key, "config") for key, leaf in RULES.items()}
-    for key, leaf in RULES.items():
+    rules = dict(RULES)
+    for name, section in EXTRA_SECTIONS.items():
+        rules.update(leaves(section, name + "."))
+    values = {key: _coerce(_value(cfg, key), leaf.type, key, "config") for key, leaf in rules.items()}
+    for key, leaf in rules.items():
         value = values[key]
         if value is None or (only is not None and key not in only):  # None: the type allows it
             continue

@@ -8,7 +8,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..config import METHOD_NAMES, RECIPE_DIRS, Config
+from ..config import EXTRA_SECTIONS, METHOD_NAMES, RECIPE_DIRS, Config, register_section
 from ..errors import UserError
 from .base import Method
 
@@ -28,9 +28,12 @@ def check_method(name: str) -> None:
         raise UserError(f"unknown method '{name}' (expected one of: {', '.join(METHODS)})")
 
 
-def register_method(name: str, cls: type[Method], recipes: Path | None = None) -> None:
-    """Make `cls` trainable as `method: NAME` (config, CLI, checkpoints); `recipes`: a folder of its recipes
-    (`NAME_mnist5k.yaml`, ...), found by name like the shipped ones."""
+def register_method(name: str, cls: type[Method], recipes: Path | None = None, config: type | None = None) -> None:
+    """Make `cls` trainable as `method: NAME` (config, CLI, checkpoints). `recipes`: a folder of its recipes
+    (`NAME_mnist5k.yaml`, ...), found by name like the shipped ones; `config`: its own config section `NAME`, a
+    dataclass of `checked` keys (list NAME in `cls.sections` to save it with its runs)."""
+    if config is not None and name not in EXTRA_SECTIONS:
+        register_section(name, config)
     METHODS[name] = cls
     if name not in METHOD_NAMES:
         METHOD_NAMES.append(name)
