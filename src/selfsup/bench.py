@@ -186,8 +186,7 @@ def method_workload(cfg: Config, device: torch.device) -> Workload:
     cfg.optim.steps = 1000
     trainer = Trainer(cfg, Path(tempfile.gettempdir()) / "selfsup-bench-unused")
     trainer.step = max(trainer.first_full_step, trainer.total_steps // 2)
-    if cfg.train.compile:
-        trainer.model = torch.compile(trainer.model)
+    trainer.compile()
     views = synthetic_views(cfg, trainer.multicrop, cfg.optim.batch_size)
     trainer.method.train()
     return Workload(trainer.method, lambda: trainer.train_step(views), cfg.optim.batch_size, device)

@@ -152,6 +152,11 @@ class Trainer:
                                                 self.batch_size(self.total_steps - 1), self.rank, self.world,
                                                 cfg.train.seed)
 
+    def compile(self) -> None:
+        """With train.compile, the training forward through torch.compile (after the trial steps)."""
+        if self.cfg.train.compile:
+            self.model = torch.compile(self.model)
+
     @property
     def first_full_step(self) -> int:
         """The first step at which every parameter trains (after what the method's schedules hold back)."""
@@ -300,8 +305,7 @@ class Trainer:
             self.run_log.open(self.out)
             trim_metrics(self.out / "metrics.jsonl", self.step)  # steps of a run killed after its checkpoint
             save(cfg, self.out / "config.yaml", self.method.sections)  # as planned: a resumed run continues this plan
-        if cfg.train.compile:
-            self.model = torch.compile(self.model)
+        self.compile()
         passes = self.total_steps / self.steps_per_epoch
         epochs = f"{passes:.1f} epochs" if not cfg.optim.epoch_length else (
             f"{self.total_steps / cfg.optim.epoch_length:.1f} epochs of {cfg.optim.epoch_length} steps, "
