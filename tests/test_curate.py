@@ -277,3 +277,35 @@ def test_curate_builtin_pool_names_and_bad_inputs(tmp_path, export, capsys):
         assert main(["curate", "--checkpoint", str(export), *extra, "--out", str(tmp_path / "x"), "--no-cache"]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("source_kind", ["folder", "tensors"])
+def test_an_interrupted_embedding_resumes_after_its_saved_rows(tmp_path, pile, source_kind):
+    """A pool's embedding stopped part-way goes on from the rows it saved: the features equal one uninterrupted
+    pass, only the rest is computed, and the partial file is gone at the end."""
+    from selfsup.data.builtin import open_source
+    from selfsup.eval.features import extract
+
+    source = open_source(str(pile / "pool")) if source_kind == "folder" else open_source("digits", "test")
+    net = backbone_from_config(Config().backbone.__class__(arch="vit_tiny", patch_size=4, depth=1, img_size=16))
+    net.eval()
+    seen = []
+
+    def forward(x, stop_after=None):
+        seen.append(len(x))
+        if stop_after is not None and sum(seen) > stop_after:
+            raise KeyboardInterrupt
+        o = net.forward_features(x)
+        return {"cls": o["x_norm_clstoken"], "gem": o["x_norm_patchtokens"].mean(1)}
+
+    whole, labels = extract(forward, source, 16, batch=4)
+    partial = tmp_path / "pool.partial.safetensors"
+    seen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        extract(lambda x: forward(x, stop_after=14), source, 16, batch=4, resume=partial, save_every=8)
+    assert partial.exists()
+    seen.clear()
+    again, labels_again = extract(forward, source, 16, batch=4, resume=partial, save_every=8)
+    assert sum(seen) == len(source) - 8  # 3 batches of 4 done, rows 0-7 saved (every 8 images): the rest computed
+    assert all(torch.equal(again[k], whole[k]) for k in whole) and torch.equal(labels_again, labels)
+    assert not partial.exists()

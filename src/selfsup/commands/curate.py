@@ -155,12 +155,14 @@ class Embedder:
             o = self.backbone.forward_features(x)
             return {"cls": o["x_norm_clstoken"], "gem": gem(o["x_norm_patchtokens"])}
 
-        def compute():
-            return extract(forward, source, loaded.image_size, self.device, self.args.batch_size, loaded.mean,
-                           loaded.std, desc=f"curate: embed {role} {spec}", workers=self.args.workers)
+        settings = {"size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std), "kind": "cls+gem"}
 
-        feats, _ = self.cache.get(spec, "curate", source, compute, size=loaded.image_size, mean=list(loaded.mean),
-                                  std=list(loaded.std), kind="cls+gem")
+        def compute():  # resumable: a stopped embedding of a large pool goes on from its last saved rows
+            return extract(forward, source, loaded.image_size, self.device, self.args.batch_size, loaded.mean,
+                           loaded.std, desc=f"curate: embed {role} {spec}", workers=self.args.workers,
+                           resume=self.cache.partial(spec, "curate", source, **settings))
+
+        feats, _ = self.cache.get(spec, "curate", source, compute, **settings)
         return source, feats
 
 

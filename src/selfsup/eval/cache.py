@@ -100,6 +100,14 @@ class FeatureCache:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / f"{slug(spec)}-{key['split']}-{self.variant}-{digest}.safetensors"
 
+    def partial(self, spec: str, split: str, source: Source, **settings) -> Path | None:
+        """Where an extraction of these features keeps the rows it has done (`extract(resume=...)`), so that a
+        stopped one resumes; None without a cache."""
+        if self.folder is None:
+            return None
+        path = self.path(spec, self.key(split, source, **settings))
+        return path.with_name(f"{path.stem}.partial.safetensors")
+
     def get(self, spec: str, split: str, source: Source, compute: Callable[[], tuple[dict, torch.Tensor]],
             **settings) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The features and labels of one split: read from the cache, or computed and written to it."""

@@ -1,11 +1,15 @@
 """Frozen features of a labelled source: computed once per (backbone, data) and reused by every protocol."""
 from __future__ import annotations
 
+import logging
+import os
 import re
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
@@ -14,6 +18,8 @@ from ..data.views import eval_transform
 from ..errors import UserError
 from ..machine import usable_cores
 from ..progress import ProgressLine
+
+log = logging.getLogger("selfsup")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,14 +43,15 @@ class EvalBatches(Dataset):
     worker): (images, labels, news). `news` is what a worker's copy of the source newly counted as unusable (a
     `Skipped`) or the UserError it raised, for the main process to count or raise; None in the main process."""
 
-    def __init__(self, source: Source, size: int, mean, std, batch: int):
-        self.source, self.size, self.mean, self.std, self.batch = source, size, mean, std, batch
+    def __init__(self, source: Source, size: int, mean, std, batch: int, start: int = 0):
+        self.source, self.size, self.mean, self.std, self.batch, self.start = source, size, mean, std, batch, start
 
     def __len__(self) -> int:
-        return -(-len(self.source) // self.batch)
+        return -(-(len(self.source) - self.start) // self.batch)
 
     def read(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [self.source[j] for j in range(b * self.batch, min((b + 1) * self.batch, len(self.source)))]
+        first = self.start + b * self.batch
+        items = [self.source[j] for j in range(first, min(first + self.batch, len(self.source)))]
         x = torch.stack([eval_transform(img, self.size, self.mean, self.std) for img, _ in items])
         return x, torch.tensor([label for _, label in items])
 
@@ -61,14 +68,14 @@ class EvalBatches(Dataset):
 
 
 def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 256,
-                workers: int | None = None):
-    """Yields (normalised images [b, 3, size, size], labels [b]) over the whole source, in order; files are
-    decoded by `workers` loader processes (default: `loader_workers`). Tar shards, streamed for training, are
-    read here by index like a folder (each worker opens its own file handles)."""
+                workers: int | None = None, start: int = 0):
+    """Yields (normalised images [b, 3, size, size], labels [b]) over the source from image `start`, in order;
+    files are decoded by `workers` loader processes (default: `loader_workers`). Tar shards, streamed for
+    training, are read here by index like a folder (each worker opens its own file handles)."""
     if isinstance(source, TensorSource):  # same-size images: transform a whole batch at once
         m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
         labels = source.labels()
-        for i in range(0, len(source), batch):
+        for i in range(start, len(source), batch):
             x = source.images[i : i + batch].float() / 255.0
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             if x.shape[-1] != size or x.shape[-2] != size:
@@ -76,7 +83,7 @@ def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
             yield (x - m) / s, labels[i : i + batch]
         return
     workers = loader_workers(source, batch) if workers is None else workers
-    batches = DataLoader(EvalBatches(source, size, mean, std, batch), batch_size=None, num_workers=workers,
+    batches = DataLoader(EvalBatches(source, size, mean, std, batch, start), batch_size=None, num_workers=workers,
                          persistent_workers=False)  # sequential: batch b is rows b * batch onwards
     for x, y, news in batches:
         if isinstance(news, UserError):
@@ -91,19 +98,48 @@ def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
 @torch.no_grad()
 def extract(forward: Callable[[torch.Tensor], torch.Tensor | Features], source: Source, size: int,
             device: torch.device | str = "cpu", batch: int = 256, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-            desc: str = "features", workers: int | None = None):
+            desc: str = "features", workers: int | None = None, resume: Path | None = None,
+            save_every: int = 20_000):
     """Features (float32, on the CPU) and labels [N] of every image of `source`: a tensor [N, D] when `forward`
-    returns one, a dict of them when it returns a dict. `desc` names the job in the progress lines."""
+    returns one, a dict of them when it returns a dict. `desc` names the job in the progress lines. With
+    `resume` (a file), the rows done so far are saved there about every `save_every` images, and an
+    extraction that was stopped starts again after them; the file is removed once all rows are done."""
     parts, labels = [], []
-    with ProgressLine(len(source), desc) as progress:
-        for x, y in eval_images(source, size, mean, std, batch, workers):
+    if resume is not None and resume.exists():
+        done = load_file(str(resume))
+        labels.append(done.pop("labels"))
+        parts.append(done["features"] if set(done) == {"features"} else done)
+        log.info("%s: resuming after %d of %d images (%s)", desc, len(labels[0]), len(source), resume)
+    start = sum(len(y) for y in labels)
+    saved = start
+    with ProgressLine(len(source) - start, desc) as progress:
+        for x, y in eval_images(source, size, mean, std, batch, workers, start):
             out = forward(x.to(device))
             parts.append({k: v.float().cpu() for k, v in out.items()} if isinstance(out, dict) else out.float().cpu())
             labels.append(y)
             progress.update(len(x))
+            start += len(x)
+            if resume is not None and start - saved >= save_every and start < len(source):
+                save_rows(resume, joined(parts), torch.cat(labels))
+                saved = start
+    if resume is not None:
+        resume.unlink(missing_ok=True)
+    return joined(parts), torch.cat(labels)
+
+
+def joined(parts: list) -> torch.Tensor | Features:
     if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, torch.cat(labels)
-    return torch.cat(parts), torch.cat(labels)
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def save_rows(path: Path, feats: torch.Tensor | Features, labels: torch.Tensor) -> None:
+    """The rows extracted so far, replacing the file at once (a crash leaves the previous rows)."""
+    tensors = dict(feats) if isinstance(feats, dict) else {"features": feats}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({**{k: v.contiguous() for k, v in tensors.items()}, "labels": labels}, str(tmp))
+    os.replace(tmp, path)
 
 
 def backbone_features(backbone: nn.Module, source: Source, size: int, device="cpu", batch: int = 256,
