@@ -51,3 +51,28 @@ def test_bad_folders(tmp_path, make, message):
     make(path)
     with pytest.raises(UserError, match=message):
         open_source(str(path))
+
+
+def test_an_image_list_such_as_curates_selection(tmp_path, monkeypatch):
+    """One path a line: relative ones from the current folder, else the list's; # comments and blank lines
+    skipped; a missing file is one clear line."""
+    for i in range(10):
+        write(tmp_path / "pool" / f"{i}.png")
+    listed = tmp_path / "out" / "selected.txt"
+    listed.parent.mkdir()
+    (tmp_path / "out" / "near.png").write_bytes((tmp_path / "pool" / "0.png").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    lines = ["# chosen by selfsup curate", "pool/1.png", str(tmp_path / "pool" / "2.png"), "", "near.png",
+             *[f"pool/{i}.png" for i in range(3, 10)]]
+    listed.write_text("\n".join(lines) + "\n")
+    source = open_source(str(listed))
+    assert [f.name for f in source.files] == ["1.png", "2.png", "near.png", *[f"{i}.png" for i in range(3, 10)]]
+    assert source.files[2].parent.name == "out" and not source.labelled
+    train, test = open_source(str(listed), "train"), open_source(str(listed), "test")
+    assert (len(train), len(test)) == (8, 2) and not set(train.files) & set(test.files)
+    listed.write_text("pool/1.png\npool/missing.png\n")
+    with pytest.raises(UserError, match="selected.txt: 1 of 2 listed image.s. not found, the first: .*missing.png"):
+        open_source(str(listed))
+    listed.write_text("# nothing\n\n")
+    with pytest.raises(UserError, match="an image list without any path"):
+        open_source(str(listed))

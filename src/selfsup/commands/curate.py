@@ -32,7 +32,7 @@ def register(sub) -> None:
         "selection.")
     p.add_argument("--checkpoint", required=True,
                    help="a run folder, a checkpoint, a safetensors export, or an official DINO/DINOv2 .pth")
-    p.add_argument("--pool", required=True, help="the uncurated images: a folder, shards, or a built-in set")
+    p.add_argument("--pool", required=True, help="the uncurated images: a folder, shards, an image list (.txt), or a built-in set")
     p.add_argument("--curated", help="a curated set to retrieve near (needs --per-query or --clusters)")
     p.add_argument("--protect", action="append", default=[], metavar="SPEC",
                    help="an evaluation set whose near-copies are removed from the pool (repeatable)")

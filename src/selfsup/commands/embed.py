@@ -24,7 +24,7 @@ def register(sub) -> None:
         "folder) and the class names (where known). Images are resized and centre-cropped as for evaluation.")
     p.add_argument("--checkpoint", required=True,
                    help="a run folder, a checkpoint, a safetensors export, or an official DINO/DINOv2 .pth")
-    p.add_argument("--data", required=True, help="mnist5k | digits | skimage | a folder of images | shards")
+    p.add_argument("--data", required=True, help="mnist5k | digits | skimage | a folder of images | shards | an image list (.txt)")
     p.add_argument("--out", required=True, help="the output file (.safetensors)")
     p.add_argument("--patch-mean", action="store_true", help="also store the mean of the patch tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

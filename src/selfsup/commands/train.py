@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--method", help="simclr | moco | byol | dino | ibot | dinov2 | distill (default: dino)")
     p.add_argument("--arch", help="backbone: vit_tiny | vit_small | vit_base | vit_large | vit_giant2 | resnet18 | resnet50")
     p.add_argument("--patch-size", type=int, help="ViT patch size")
-    p.add_argument("--data", help="mnist5k | digits | scenes | a folder of images | webdataset shards (default: mnist5k)")
+    p.add_argument("--data", help="mnist5k | digits | scenes | a folder of images | webdataset shards | an image "
+                   "list (.txt, e.g. curate's selected.txt) (default: mnist5k)")
     p.add_argument("--out", help="run folder (default: runs/<method>-<arch>-<data>, a new one for each run)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, help="length of the run in epochs")

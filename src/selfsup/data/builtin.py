@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .sources import Source, TensorSource, open_folder, stratified_split
+from .sources import Source, TensorSource, open_folder, open_list, stratified_split
 
 BUILTIN = ("mnist5k", "digits", "skimage", "scenes")
 
@@ -93,4 +93,6 @@ def open_source(spec: str, split: str | None = None) -> Source:
         from .shards import ShardSource
 
         return ShardSource(spec, split)
+    if spec.endswith(".txt") and Path(spec).expanduser().is_file():
+        return open_list(Path(spec).expanduser(), split)
     return open_folder(Path(spec).expanduser(), split)

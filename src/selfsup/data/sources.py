@@ -242,6 +242,26 @@ def open_folder(root: Path, split: str | None = None) -> FolderSource:
     return FolderSource(root, files, classes)
 
 
+def open_list(path: Path, split: str | None = None) -> FolderSource:
+    """An image list such as `selfsup curate`'s selected.txt: one image path a line (blank lines and lines
+    starting with # skipped), a relative one read from the current folder, else from the list's folder. No
+    classes; `split` as a folder's (a fixed 80/20 split)."""
+    entries = [line.strip() for line in path.read_text().splitlines()]
+    entries = [e for e in entries if e and not e.startswith("#")]
+    if not entries:
+        raise UserError(f"{path}: an image list without any path (expected one image path a line)")
+    files = [Path(e) if Path(e).is_absolute() or Path(e).exists() else path.parent / e for e in entries]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{path}: {len(missing)} of {len(files)} listed image(s) not found, the first: {missing[0]}")
+    good = usable(path, files)
+    if not good:
+        raise UserError(f"{path}: no usable image among {len(files)} listed file(s) (all empty or unreadable)")
+    if split is not None:
+        good = fixed_split(good, [""] * len(good), split)
+    return FolderSource(path, good, None, name=path.stem)
+
+
 def fixed_split(items: list, groups: list, split: str, test_fraction: float = 0.2, seed: int = 0) -> list:
     """A deterministic, stratified train/test split: within each group a seeded permutation, the last
     `test_fraction` goes to test."""
