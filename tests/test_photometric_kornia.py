@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from selfsup.config import CropsConfig
-from selfsup.data.views import ORDERS, Crops, Photometric, photometric_params
+from selfsup.data.views import JITTER_OPS, N_PARAMS, ORDERS, Crops, Param, Photometric, photometric_params
 
 kornia = pytest.importorskip("kornia")
 rgb_to_grayscale = kornia.color.rgb_to_grayscale
@@ -49,12 +49,11 @@ def images(seed: int = 0, n: int = B) -> torch.Tensor:
 
 def photometric(img: torch.Tensor, **cols) -> torch.Tensor:
     """`Photometric` without normalisation, with parameter columns set per image (all ops off by default;
-    jitter factors neutral). `cols` maps a name to a scalar or a per-image sequence."""
-    names = ["jitter", "brightness", "contrast", "saturation", "hue", "order", "gray", "blur", "sigma", "solarize"]
-    p = torch.zeros(len(img), 11)
-    p[:, 1:4] = 1.0
+    jitter factors neutral). `cols` maps a `Param` name, lower case, to a scalar or a per-image sequence."""
+    p = torch.zeros(len(img), N_PARAMS)
+    p[:, [Param.BRIGHTNESS, Param.CONTRAST, Param.SATURATION]] = 1.0
     for k, v in cols.items():
-        p[:, names.index(k)] = torch.as_tensor(v, dtype=torch.float32)
+        p[:, Param[k.upper()]] = torch.as_tensor(v, dtype=torch.float32)
     return Photometric(CropsConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))(Crops(img, p))
 
 
@@ -101,7 +100,7 @@ def diff_hue():
 def diff_blur():
     img = images(5)
     x = img.float() / 255
-    y = photometric(img, blur=1, sigma=SIGMA)  # one batch, four sigmas: each image keeps its own kernel
+    y = photometric(img, blur=1, blur_sigma=SIGMA)  # one batch, four sigmas: each image keeps its own kernel
     # selfsup cuts the kernel at radius ceil(3 sigma) (torchvision takes a fixed size); both pad by reflection
     ref = torch.cat([gaussian_blur2d(x[i : i + 1], 2 * math.ceil(3 * s) + 1, (s, s), border_type="reflect")
                      for i, s in enumerate(torch.tensor(SIGMA).tolist())])
@@ -119,13 +118,13 @@ def diff_grayscale():
     img = images(7)
     x = img.float() / 255
     ref = rgb_to_grayscale(x, rgb_weights=LUMA).expand_as(x)  # torchvision's weights, 3 channels
-    return max_diff(photometric(img, gray=1), ref)
+    return max_diff(photometric(img, grayscale=1), ref)
 
 
 def diff_grayscale_default_weights():
     img = images(7)
     x = img.float() / 255
-    return max_diff(photometric(img, gray=1), rgb_to_grayscale(x).expand_as(x))
+    return max_diff(photometric(img, grayscale=1), rgb_to_grayscale(x).expand_as(x))
 
 
 KORNIA_OPS = {  # name: (measure, kornia function, tolerance)
@@ -162,7 +161,7 @@ def test_wrong_factors_would_fail():
     assert max_diff(photometric(img, jitter=1, hue=h), adjust_hue(x, math.pi * h)) > 1e-2
     assert max_diff(photometric(img, solarize=1), solarize(x, 129 / 255)) > 0  # the 128 pixel is inverted
     s = torch.tensor(SIGMA)
-    y = photometric(img, blur=1, sigma=s)
+    y = photometric(img, blur=1, blur_sigma=s)
     assert max_diff(y[2:3], gaussian_blur2d(x[2:3], 9, (1.1, 1.1))) > 1e-3
 
 
@@ -173,32 +172,34 @@ def test_jitter_in_every_order_and_the_whole_chain_match_kornia():
     rng = np.random.default_rng(0)
     n = 24
     p = torch.from_numpy(np.stack([photometric_params(rng, c, 1.0, 1.0) for _ in range(n)]))
-    p[:, 5] = torch.arange(n)  # every order once
+    p[:, Param.ORDER] = torch.arange(n)  # every order once
     img = images(9, n)
     y = Photometric(c)(Crops(img, p))
     mean, std = torch.tensor(c.mean), torch.tensor(c.std)
     for i in range(n):
         x = img[i : i + 1].float() / 255
         f = p[i : i + 1]
-        for op in ORDERS[int(f[0, 5])].tolist():
-            if op == 0:
-                x = adjust_brightness_accumulative(x, f[:, 1])
-            elif op == 1:
-                x = adjust_contrast_with_mean_subtraction(x, f[:, 2])
-            elif op == 2:
-                x = adjust_saturation_with_gray_subtraction(x, f[:, 3])
+        for op in ORDERS[int(f[0, Param.ORDER])].tolist():
+            col = JITTER_OPS[op]
+            if col == Param.BRIGHTNESS:
+                x = adjust_brightness_accumulative(x, f[:, col])
+            elif col == Param.CONTRAST:
+                x = adjust_contrast_with_mean_subtraction(x, f[:, col])
+            elif col == Param.SATURATION:
+                x = adjust_saturation_with_gray_subtraction(x, f[:, col])
             else:
-                x = adjust_hue(x, 2 * math.pi * f[:, 4]).clamp(0, 1)
-        if f[0, 6] > 0:
+                x = adjust_hue(x, 2 * math.pi * f[:, col]).clamp(0, 1)
+        if f[0, Param.GRAYSCALE] > 0:
             x = rgb_to_grayscale(x, rgb_weights=LUMA).expand(1, 3, S, S)
-        s = float(f[0, 8])
+        s = float(f[0, Param.BLUR_SIGMA])
         x = gaussian_blur2d(x, 2 * math.ceil(3 * s) + 1, (s, s)).clamp(0, 1)
         # a pixel within rounding of the threshold may be inverted on one side only: leave those out
         far = ((x - 128 / 255).abs() > 1e-3).expand(1, 3, S, S)
         ref = normalize(solarize(x, 128 / 255), mean, std)
         # contrast and saturation each differ by |1 - f| * 1e-4 (kornia's luma weights); the rest is rounding,
         # all scaled by 1 / std after normalisation
-        tol = (abs(1 - float(f[0, 2])) + abs(1 - float(f[0, 3]))) * LUMA_GAP / min(c.std) + 1e-5
+        fc, fs = float(f[0, Param.CONTRAST]), float(f[0, Param.SATURATION])
+        tol = (abs(1 - fc) + abs(1 - fs)) * LUMA_GAP / min(c.std) + 1e-5
         assert max_diff(y[i : i + 1][far], ref[far]) <= tol, f"order {ORDERS[i].tolist()}"
 
 

@@ -5,7 +5,7 @@ import torch
 from selfsup.config import CropsConfig
 from selfsup.data.builtin import open_source
 from selfsup.data.loader import MultiCropBatches
-from selfsup.data.views import LUMA, MultiCrop, Photometric, crop_box
+from selfsup.data.views import LUMA, N_PARAMS, Crops, MultiCrop, Param, Photometric, crop_box
 
 
 def test_multicrop_shapes_are_crop_major():
@@ -42,13 +42,12 @@ def test_crop_box_area_and_ratio_within_range():
 def test_grayscale_uses_luma_weights_and_solarize_inverts_bright_pixels():
     c = CropsConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     img = torch.tensor([200, 100, 50], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
-    params = torch.zeros(1, 11)
-    params[0, 6] = 1  # grayscale only
-    from selfsup.data.views import Crops
-
+    params = torch.zeros(1, N_PARAMS)
+    params[0, Param.GRAYSCALE] = 1  # grayscale only
     y = Photometric(c)(Crops(img, params))
     gray = sum(w * v for w, v in zip(LUMA, (200 / 255, 100 / 255, 50 / 255)))
     assert torch.allclose(y, torch.full_like(y, gray), atol=1e-6)
-    params[0, 6], params[0, 9] = 0, 1  # solarize only: 200 >= 128 is inverted, 100 and 50 are not
+    # solarize only: 200 >= 128 is inverted, 100 and 50 are not
+    params[0, Param.GRAYSCALE], params[0, Param.SOLARIZE] = 0, 1
     y = Photometric(c)(Crops(img, params))
     assert torch.allclose(y[0, :, 0, 0], torch.tensor([1 - 200 / 255, 100 / 255, 50 / 255]), atol=1e-6)

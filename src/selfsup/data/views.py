@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Callable
 
 import numpy as np
@@ -21,7 +22,26 @@ import torch.nn.functional as F
 from ..config import CropsConfig
 
 LUMA = (0.2989, 0.5870, 0.1140)  # BYOL Table 6 grayscale weights (ITU-R 601-2)
-N_PARAMS = 11  # jitter, brightness, contrast, saturation, hue, order (as one code), gray, blur, sigma, solarize, pad
+
+
+class Param(IntEnum):
+    """The columns of a crop's photometric parameters (`Crops.params`): one float tensor, so that a batch's
+    parameters are collated and moved to the device in one piece. Flags are 1.0 (on) or 0.0 (off)."""
+
+    JITTER = 0  # flag: colour jitter
+    BRIGHTNESS = 1  # jitter factors
+    CONTRAST = 2
+    SATURATION = 3
+    HUE = 4  # a shift, in fractions of a turn
+    ORDER = 5  # the jitter operations' order: a row of ORDERS
+    GRAYSCALE = 6  # flag
+    BLUR = 7  # flag
+    BLUR_SIGMA = 8  # in pixels
+    SOLARIZE = 9  # flag
+
+
+N_PARAMS = len(Param)
+JITTER_OPS = (Param.BRIGHTNESS, Param.CONTRAST, Param.SATURATION, Param.HUE)  # op codes 0-3 of ORDERS
 
 
 @dataclass
@@ -29,7 +49,7 @@ class Crops:
     """One group of same-size crops, crop-major: crop c of sample b is row c * B + b."""
 
     images: torch.Tensor  # uint8 [n * B, 3, S, S] before `Photometric`, float after
-    params: torch.Tensor  # float [n * B, N_PARAMS]
+    params: torch.Tensor  # float [n * B, N_PARAMS], columns named by `Param`
 
     def to(self, device: torch.device) -> "Crops":
         return Crops(self.images.to(device, non_blocking=True), self.params.to(device, non_blocking=True))
@@ -97,24 +117,21 @@ def resized_crop(img: torch.Tensor, box: tuple[int, int, int, int], size: int, f
 
 
 def photometric_params(rng: np.random.Generator, c: CropsConfig, p_blur: float, p_solarize: float) -> np.ndarray:
-    """The random parameters of one crop's photometric augmentations (applied later by `Photometric`)."""
+    """The random parameters of one crop's photometric augmentations (applied later by `Photometric`), indexed
+    by `Param`. The draws' number and order fix every later crop of the image: u[9] is drawn but unused."""
     u = rng.random(10)
-    return np.array(
-        [
-            u[0] < c.color_jitter,
-            1 + c.brightness * (2 * u[1] - 1),
-            1 + c.contrast * (2 * u[2] - 1),
-            1 + c.saturation * (2 * u[3] - 1),
-            c.hue * (2 * u[4] - 1),
-            rng.integers(24),  # one of the 4! orders of the jitter operations (BYOL: random order)
-            u[5] < c.grayscale,
-            u[6] < p_blur,
-            c.blur_sigma[0] + u[7] * (c.blur_sigma[1] - c.blur_sigma[0]),
-            u[8] < p_solarize,
-            0.0,
-        ],
-        dtype=np.float32,
-    )
+    p = np.empty(N_PARAMS, dtype=np.float32)
+    p[Param.JITTER] = u[0] < c.color_jitter
+    p[Param.BRIGHTNESS] = 1 + c.brightness * (2 * u[1] - 1)
+    p[Param.CONTRAST] = 1 + c.contrast * (2 * u[2] - 1)
+    p[Param.SATURATION] = 1 + c.saturation * (2 * u[3] - 1)
+    p[Param.HUE] = c.hue * (2 * u[4] - 1)
+    p[Param.ORDER] = rng.integers(24)  # one of the 4! orders of the jitter operations (BYOL: random order)
+    p[Param.GRAYSCALE] = u[5] < c.grayscale
+    p[Param.BLUR] = u[6] < p_blur
+    p[Param.BLUR_SIGMA] = c.blur_sigma[0] + u[7] * (c.blur_sigma[1] - c.blur_sigma[0])
+    p[Param.SOLARIZE] = u[8] < p_solarize
+    return p
 
 
 class MultiCrop:
@@ -211,7 +228,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, ch, hgt, wid)
 
 
-ORDERS = torch.tensor(list(__import__("itertools").permutations(range(4))))  # 24 x 4
+ORDERS = torch.tensor(list(__import__("itertools").permutations(range(4))))  # 24 x 4 indices into JITTER_OPS
 
 
 class Photometric:
@@ -222,19 +239,19 @@ class Photometric:
         self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
 
     def jitter(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        order = ORDERS.to(x.device)[p[:, 5].long()]
+        order = ORDERS.to(x.device)[p[:, Param.ORDER].long()]
         for stage in range(4):
-            for op in range(4):
-                sel = torch.nonzero((order[:, stage] == op) & (p[:, 0] > 0)).flatten()
+            for op, col in enumerate(JITTER_OPS):
+                sel = torch.nonzero((order[:, stage] == op) & (p[:, Param.JITTER] > 0)).flatten()
                 if sel.numel() == 0:
                     continue
-                y, f = x[sel], p[sel, 1 + op]
-                if op == 0:  # brightness
+                y, f = x[sel], p[sel, col]
+                if col == Param.BRIGHTNESS:
                     y = y * f.view(-1, 1, 1, 1)
-                elif op == 1:  # contrast: blend with the mean gray level
+                elif col == Param.CONTRAST:  # blend with the mean gray level
                     m = _gray(y).mean((1, 2, 3), keepdim=True)
                     y = m + (y - m) * f.view(-1, 1, 1, 1)
-                elif op == 2:  # saturation: blend with the grayscale image
+                elif col == Param.SATURATION:  # blend with the grayscale image
                     gr = _gray(y)
                     y = gr + (y - gr) * f.view(-1, 1, 1, 1)
                 else:
@@ -246,13 +263,13 @@ class Photometric:
         x = crops.images.float().div_(255.0)
         p = crops.params.float()
         x = self.jitter(x, p)
-        gray = p[:, 6] > 0
+        gray = p[:, Param.GRAYSCALE] > 0
         if gray.any():
             x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
-        sel = torch.nonzero(p[:, 7] > 0).flatten()
+        sel = torch.nonzero(p[:, Param.BLUR] > 0).flatten()
         if sel.numel():
-            x = x.index_copy(0, sel, _blur(x[sel], p[sel, 8]).clamp(0, 1))
-        sol = p[:, 9] > 0
+            x = x.index_copy(0, sel, _blur(x[sel], p[sel, Param.BLUR_SIGMA]).clamp(0, 1))
+        sol = p[:, Param.SOLARIZE] > 0
         if sol.any():  # PIL's solarize inverts pixels at or above 128
             x = torch.where(sol.view(-1, 1, 1, 1) & (x >= 128 / 255), 1.0 - x, x)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
