@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from selfsup.config import Config, apply, load_recipe
+from selfsup.core.io import read_metrics
 from selfsup.eval.run import knn_of_backbone
 from selfsup.nn import backbone_from_config
 from selfsup.train.trainer import Trainer
@@ -70,7 +71,7 @@ K = variant_config("dino", 1).dino.out_dim  # the recipe's prototypes (1024: log
 
 def curves(run: Path) -> dict[str, list[float]]:
     """Per training step: loss, teacher entropy, KL, target spread; per evaluation: k-NN top-1."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     out = {k: [r[k] for r in train] for k in ("step", "loss", "teacher_entropy", "kl", "target_std")
            if any(k in r for r in train)}
@@ -132,7 +133,7 @@ def main() -> None:
         out = Path(args.runs) / name
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, out)
+        trainer = Trainer(cfg, out, evaluate=knn_of_backbone)  # k-NN every eval.every steps
         trainer.fit()
         knn = knn_of_backbone(trainer.method.backbone(), cfg, device, k=20)
         if baseline is None:

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from selfsup.core.io import read_metrics
 from selfsup.train.checkpoint import TEMPORARY, checkpoints, load_checkpoint
 
 # DINO on digits, small enough for a shared CPU; a wide head (out_dim 16384) makes a checkpoint ~30 MB, so
@@ -35,9 +36,7 @@ def train(out: Path, steps: int, resume: bool) -> subprocess.Popen:
 
 
 def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-        if (run / "metrics.jsonl").exists() else []
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
 def step_count(run: Path) -> int:

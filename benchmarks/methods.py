@@ -19,7 +19,8 @@ import torch
 from selfsup.config import Config, apply, load_recipe, to_dict
 from selfsup.eval.features import pixel_features
 from selfsup.eval.knn import knn_accuracy
-from selfsup.eval.run import knn_of_backbone, labelled_splits
+from selfsup.data.builtin import labelled_splits
+from selfsup.eval.run import knn_of_backbone
 from selfsup.nn import backbone_from_config
 from selfsup.train.trainer import Trainer
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from tiny import ARGS
 
-from selfsup.bench import PeakMemory, time_variants
+from selfsup.bench import time_variants
+from selfsup.core.machine import PeakMemory
 from selfsup.cli import main
 
 TINY = ["--arch", "vit_tiny", "--patch-size", "8", "--img-size", "32", "--depth", "1", "--batch-size", "2",

@@ -19,7 +19,7 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     ckpt.atomic_save(state(1), path)
 
     def dies_half_way(obj, f):
-        f.write(b"PK\x03\x04 half a checkpoint")
+        f.write_bytes(b"PK\x03\x04 half a checkpoint")  # the temporary file atomic_write hands over
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", dies_half_way)

@@ -68,7 +68,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a bad config reached the trainer")
 
-    monkeypatch.setattr("selfsup.train.trainer.Trainer", refuse)
+    monkeypatch.setattr("selfsup.commands.train.Trainer", refuse)
 
 
 def error_line(stderr: str) -> str:
@@ -206,7 +206,7 @@ def test_parse_duration_rejects(text):
 
 
 def test_bench_checks_its_config(capsys, monkeypatch):
-    monkeypatch.setattr("selfsup.bench.measure", lambda *a, **k: pytest.fail("a bad config reached the benchmark"))
+    monkeypatch.setattr("selfsup.commands.bench.measure", lambda *a, **k: pytest.fail("a bad config reached the benchmark"))
     assert main(["bench", "--batch-size", "0"]) == 2
     assert error_line(capsys.readouterr().err) == (
         "selfsup: error: bad value for 'optim.batch_size': 0 (expected an integer >= 1)")

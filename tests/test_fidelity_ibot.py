@@ -210,7 +210,7 @@ def test_dinov2_patch_centre_over_ranks_is_the_mean_of_each_ranks_mean(monkeypat
     """ibot_patch_loss.py apply_center_update: sum over ranks of each rank's mean, divided by the world size
     (not the mean over all rows: ranks with more masked patches do not weigh more)."""
     from selfsup.methods import dinov2
-    from selfsup.train import distributed
+    from selfsup.core import distributed
 
     torch.manual_seed(0)
     a, b = torch.randn(3, 8), torch.randn(5, 8) + 2.0

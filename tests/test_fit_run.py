@@ -16,11 +16,12 @@ from PIL import Image
 from selfsup.config import Config, apply, load_recipe
 from selfsup.data.sources import open_folder
 from selfsup.errors import UserError
-from selfsup.machine import usable_cores
+from selfsup.core.machine import usable_cores
 from selfsup.train.auto import DataProfile, fitted, profile
 from selfsup.train.plan import MemoryFit, fit_batch, plan_run
 from selfsup.train.trainer import Collapsed, Trainer
-from selfsup.train.watchdog import CollapseCheck, Watchdog, teacher_checks
+from selfsup.methods.collapse import CollapseCheck, teacher_checks
+from selfsup.train.watchdog import Watchdog
 
 from tiny import tiny_config
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from selfsup.errors import UserError
-from selfsup.methods import build_method, resolve_init
+from selfsup.methods import build_method
 from selfsup.train.checkpoint import load_checkpoint
 from selfsup.train.trainer import Trainer
-from selfsup.weights import load
+from selfsup.weights import load, resolve_init, save_backbone
 from tiny import tiny_config
 
 HEADS = {"simclr": {"hidden_dim": 32, "out_dim": 16}, "byol": {"hidden_dim": 32, "out_dim": 16},
@@ -149,6 +149,7 @@ def test_the_kept_prefix_names_the_evaluated_backbone(method):
 
 def test_init_from_loads_the_whole_method_or_only_the_backbone(tmp_path):
     first = run(config("dino", steps=1), tmp_path, "dino")
+    save_backbone(first.method.backbone(), first.cfg, tmp_path / "dino" / "backbone.safetensors")  # as the CLI does
     # same method: heads, teacher and centre come along
     cfg = config("dino", steps=1, backbone={"depth": 2})  # the architecture is taken from the checkpoint
     init = resolve_init(cfg, str(tmp_path / "dino"))

@@ -18,7 +18,7 @@ from selfsup.errors import UserError
 from selfsup.eval.features import extract, loader_workers
 from selfsup.eval.run import knn_of_backbone
 from selfsup.nn import backbone_from_config
-from selfsup.progress import ProgressLine, format_duration
+from selfsup.core.progress import ProgressLine, format_duration
 from tiny import tiny_config
 
 

@@ -7,7 +7,7 @@ import torch
 
 from selfsup.train.checkpoint import checkpoints, load_checkpoint
 from selfsup.train.trainer import Trainer
-from selfsup.weights import load
+from selfsup.weights import load, save_backbone
 
 from conftest import tiny_config
 
@@ -43,7 +43,8 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert fresh.step == 2
     x = torch.randn(4, 3, 28, 28)
-    exported = load(tmp_path / "run").backbone  # backbone.safetensors
+    save_backbone(t.method.backbone(), t.cfg, tmp_path / "run" / "backbone.safetensors")  # as `selfsup train` does
+    exported = load(tmp_path / "run").backbone
     from_ckpt = load(tmp_path / "run" / "checkpoint-00000002.pt").backbone
     t.method.backbone().eval()
     with torch.no_grad():

@@ -24,9 +24,17 @@ import torch
 from torch import nn
 
 from .config import Config
-from .errors import UserError
+from .core.device import autocast, resolve_device, synchronize
+from .core.errors import UserError
+from .core.io import atomic_write
+from .core.machine import PeakMemory
+from .data.views import MultiCrop, Photometric, synthetic_views
+from .nn import backbone_from_config
 from .nn.attention import set_attention_backend
 from .nn.vit import Block, VisionTransformer
+from .train.optim import build_optimizer
+from .train.trainer import Trainer
+from .weights import load, run_backbone_file
 
 
 @dataclass(frozen=True)
@@ -48,12 +56,6 @@ def apply_setting(model: nn.Module, s: Setting, device: torch.device) -> None:
             m.drop_path_efficient = s.drop_path_efficient
 
 
-def autocast(device: torch.device, dtype: str):
-    if dtype not in ("fp32", "bf16"):
-        raise UserError(f"--dtype {dtype}: expected fp32 or bf16")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-
-
 def machine() -> dict:
     """What the figures were measured on."""
     cpu = platform.processor()
@@ -65,37 +67,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out
-
-
-class PeakMemory:
-    """Peak memory of what runs between `reset` and `read` (MiB): CUDA max allocated, or the process's peak RSS
-    (Linux: its high-water mark is reset through /proc/self/clear_refs; elsewhere the peak since start)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
-
-    def read(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        with contextlib.suppress(OSError):
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_variants(steps: dict[str, Callable[[], None]], n_steps: int, warmup: int,
@@ -133,9 +104,6 @@ def backbone_workload(cfg: Config, mode: str, device: torch.device, backbone: nn
     """The backbone alone on random images of the global crop size: `train` is forward, backward and an AdamW
     step on the mean square of its outputs; `infer` is the forward of the [CLS] feature in eval mode.
     `backbone` (a trained one) replaces a fresh one built from `cfg.backbone`."""
-    from .nn import backbone_from_config
-    from .train.optim import build_optimizer
-
     model = (backbone if backbone is not None else backbone_from_config(cfg.backbone)).to(device)
     size, b = cfg.crops.global_size, cfg.optim.batch_size
     x = torch.randn(b, 3, size, size, device=device)
@@ -168,26 +136,16 @@ def backbone_workload(cfg: Config, mode: str, device: torch.device, backbone: nn
     return Workload(model, step, b, device)
 
 
-def synthetic_views(cfg: Config, multicrop, n: int, seed: int = 0):
-    """Multi-crop views of `n` random images 1.15x the global crop size, through the real `MultiCrop`."""
-    g = torch.Generator().manual_seed(seed)
-    side = int(multicrop.cfg.global_size * 1.15)
-    samples = [(torch.randint(0, 256, (3, side, side), generator=g, dtype=torch.uint8), 0, i) for i in range(n)]
-    return multicrop(samples, 0)
-
-
 def method_workload(cfg: Config, device: torch.device) -> Workload:
     """The trainer's own training step of `cfg.method` (photometric augmentation on the device, forward,
     backward, clipping, optimiser, EMA), on fixed multi-crop views of random images; after the
     last-layer freeze, so every parameter is updated."""
-    from .train.trainer import Trainer
-
     cfg.data.source = "digits"  # the trainer wants a source; the timed steps use synthetic views
     cfg.optim.steps = 1000
     trainer = Trainer(cfg, Path(tempfile.gettempdir()) / "selfsup-bench-unused")
     trainer.step = max(trainer.first_full_step, trainer.total_steps // 2)
     trainer.compile()
-    views = synthetic_views(cfg, trainer.multicrop, cfg.optim.batch_size)
+    views = synthetic_views(trainer.multicrop, cfg.optim.batch_size)
     trainer.method.train()
     return Workload(trainer.method, lambda: trainer.train_step(views), cfg.optim.batch_size, device)
 
@@ -198,8 +156,6 @@ def measure(cfg: Config, mode: str, settings: dict[str, Setting], n_steps: int, 
     model (backbone, method, crops, batch, device, compile); `mode` is train or infer. With `method`, train mode
     times `cfg.method`'s whole training step; otherwise (and in infer mode) the backbone alone, `backbone` if
     given."""
-    from .train.trainer import resolve_device
-
     if mode not in ("train", "infer"):
         raise UserError(f"--mode {mode}: expected train or infer")
     if n_steps < 1 or warmup < 0:
@@ -244,8 +200,6 @@ def measure_run(run: Path, cfg: Config, settings: dict[str, Setting], n_steps: i
     timed): `train` is the method's whole training step on multi-crop views, `infer` the run's trained backbone
     (a fresh one of its architecture while the run has no weights yet) forward at the global crop size, in
     eval mode. Each mode times the variants of `settings` interleaved."""
-    from .weights import load, run_backbone_file
-
     weights = run_backbone_file(run)
     out: dict = {}
     for mode in modes:
@@ -264,12 +218,7 @@ def measure_run(run: Path, cfg: Config, settings: dict[str, Setting], n_steps: i
 
 def save_result(result: dict, path: Path) -> None:
     """`result` as JSON at `path`, atomically: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, json.dumps(result, indent=2))
 
 
 MODE_NAMES = {"train": "training step", "infer": "inference"}
@@ -315,8 +264,6 @@ class PipelineResult:
 def input_pipeline(cfg: Config, source, n_images: int, device: torch.device, repeats: int = 3) -> PipelineResult:
     """Images/s of the two halves of the input pipeline on their own: `MultiCrop` (loader side, one process)
     on the first `n_images` of `source`, and `Photometric` (batched on `device`) on the views it made."""
-    from .data.views import MultiCrop, Photometric
-
     multicrop, photometric = MultiCrop(cfg.crops, cfg.train.seed), Photometric(cfg.crops)
     samples = [(*source[i], i) for i in range(n_images)]
     t_crop, t_photo = [], []

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from .errors import UserError
+from .core.errors import UserError
 
 COMMANDS = ["train", "eval", "bench", "embed", "shards", "curate", "viz", "report"]
 

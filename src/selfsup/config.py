@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .errors import UserError
+from .core.errors import UserError
 
 RECIPES = Path(__file__).parent / "configs"
 RECIPE_DIRS: list[Path] = [RECIPES]  # the shipped recipes, then those of methods registered with theirs

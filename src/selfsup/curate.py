@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .core.errors import UserError
 
 log = logging.getLogger("selfsup")
 CHUNK_ELEMENTS = 2**25  # similarity entries per chunk of the torch path (128 MiB of float32)

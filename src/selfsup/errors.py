@@ -1,5 +1,2 @@
-"""The one exception a user mistake raises: the CLI prints its message on one line and exits with code 2."""
-
-
-class UserError(Exception):
-    """A bad input: a path, a key, a value. The message says which, and what was expected."""
+"""`selfsup.errors.UserError`, the public name of `selfsup.core.errors.UserError` (users catch it)."""
+from .core.errors import UserError  # noqa: F401

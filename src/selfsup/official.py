@@ -3,7 +3,8 @@
 Accepted: the released backbones (facebookresearch/dinov2 vit{s,b,l,g}14[_reg], facebookresearch/dino
 ViT-S/16, ViT-S/8, ViT-B/16, ViT-B/8, ResNet-50) and the training checkpoints they come from (DINO's
 `teacher`/`student` with `module.` and `backbone.` prefixes, DINOv2's `teacher` dumps and `model` checkpoints,
-chunked blocks `blocks.{chunk}.{i}.`). The architecture is read off the tensor shapes; the loading is strict.
+chunked blocks `blocks.{chunk}.{i}.`). The architecture is read off the tensor shapes; weights.py loads them
+strictly into it.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import re
 
 import torch
 
-from .config import BackboneConfig, CropsConfig
-from .errors import UserError
+from .config import BackboneConfig
+from .core.errors import UserError
 from .nn import RESNETS, VIT_SIZES
 from .nn.resnet import Bottleneck
 from .nn.vit import swiglu_hidden
-from .weights import Loaded, with_weights
 
 CONTAINERS = ("teacher", "model", "state_dict", "student")  # the teacher first: DINO and DINOv2 evaluate it
 IBOT_NAMES = {"masked_embed": "mask_token", "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}
@@ -94,8 +94,10 @@ def resnet_config(state: dict[str, torch.Tensor], where: str) -> BackboneConfig:
     return BackboneConfig(arch=arch, cifar_stem=state["conv1.weight"].shape[-1] == 3, drop_path=0.0)
 
 
-def from_object(obj, where: str) -> Loaded | None:
-    """The backbone in a loaded file in an official format, or None when it is not one."""
+def from_object(obj, where: str) -> tuple[BackboneConfig, dict[str, torch.Tensor], tuple[str, ...]] | None:
+    """The backbone in a loaded file in an official format, or None when it is not one: its architecture, its
+    tensors, and the names of those it may lack (they start at zero). It evaluates at EVAL_SIZE with ImageNet
+    statistics."""
     state = backbone_state(obj)
     if state is None:
         return None
@@ -111,5 +113,4 @@ def from_object(obj, where: str) -> Loaded | None:
             return None
     except KeyError as e:
         raise UserError(f"{where}: an incomplete backbone (no tensor {e})") from None
-    crops = CropsConfig()  # ImageNet statistics
-    return Loaded(with_weights(cfg, state, where, optional), cfg, EVAL_SIZE, crops.mean, crops.std, where)
+    return cfg, state, optional

@@ -1,20 +1,25 @@
 """Backbone weights in and out: a selfsup export (safetensors + a JSON config), a run folder, a checkpoint, or
-an official DINO/DINOv2 file (see `official.py`)."""
+an official DINO/DINOv2 file (see `official.py`); and `--init-from`, which loads them into a method."""
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import BackboneConfig, Config, apply, eval_size, to_dict
-from .errors import UserError
+from . import official
+from .config import BackboneConfig, Config, CropsConfig, apply, eval_size, to_dict
+from .core.errors import UserError
+from .core.io import atomic_write
+from .methods import method_class
+from .methods.base import Method
 from .nn import backbone_from_config
+from .train.checkpoint import latest, load_checkpoint
 
 EXPECTED = ("a selfsup run folder, a selfsup checkpoint (.pt), a selfsup safetensors export, or an official "
             "DINO/DINOv2 backbone or training checkpoint (.pth)")
@@ -24,13 +29,8 @@ def _export(backbone: nn.Module, meta: dict, path: Path) -> None:
     """Weights as safetensors, the architecture beside them as JSON (`<name>.json`); both written atomically."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"selfsup": json.dumps(meta)})
-    os.replace(tmp, path)
-    json_path = path.with_suffix(".json")
-    tmp_json = json_path.with_name(f".{json_path.name}.tmp")
-    tmp_json.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_json, json_path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"selfsup": json.dumps(meta)}))
+    atomic_write(path.with_suffix(".json"), json.dumps(meta, indent=2))
 
 
 def save_backbone(backbone: nn.Module, cfg: Config, path: Path) -> None:
@@ -78,14 +78,22 @@ def with_weights(cfg: BackboneConfig, state: dict[str, torch.Tensor], where: str
     return model.eval()
 
 
+def _from_official(obj, where: str) -> Loaded | None:
+    """An official DINO/DINOv2 backbone (official.py), at its evaluation size with ImageNet statistics."""
+    found = official.from_object(obj, where)
+    if found is None:
+        return None
+    cfg, state, optional = found
+    crops = CropsConfig()
+    return Loaded(with_weights(cfg, state, where, optional), cfg, official.EVAL_SIZE, crops.mean, crops.std, where)
+
+
 def _from_export(path: Path) -> Loaded:
     with safe_open(str(path), "pt") as f:
         meta = (f.metadata() or {}).get("selfsup")
     state = load_file(str(path))
     if meta is None:  # official weights converted to safetensors
-        from .official import from_object
-
-        loaded = from_object(state, str(path))
+        loaded = _from_official(state, str(path))
         if loaded is None:
             raise UserError(f"{path}: a safetensors file without selfsup metadata or official key names "
                             f"(expected {EXPECTED})")
@@ -99,8 +107,6 @@ def _from_export(path: Path) -> Loaded:
 def _from_checkpoint(state: dict, where: str) -> Loaded:
     """The network the run's method keeps, read by its state-dict prefix: no method (nor a distillation's
     teacher run) is built."""
-    from .methods import method_class
-
     cfg = Config()
     apply(cfg, state["config"], where)
     prefix = method_class(cfg.method).keeps + "."
@@ -111,8 +117,6 @@ def _from_checkpoint(state: dict, where: str) -> Loaded:
 
 def run_backbone_file(run: Path) -> Path | None:
     """The file `load` reads from a run folder: its export, else its latest checkpoint."""
-    from .train.checkpoint import latest
-
     export = run / "backbone.safetensors"
     return export if export.exists() else latest(run)
 
@@ -121,8 +125,6 @@ def load(path: str | Path) -> Loaded:
     """A backbone in eval mode from a run folder (its export, else its latest checkpoint), a selfsup checkpoint,
     a safetensors export, or an official DINO/DINOv2 file. A .pt/.pth file is a pickle: load only files you
     trust."""
-    from .official import from_object
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory (expected {EXPECTED})")
@@ -139,8 +141,36 @@ def load(path: str | Path) -> Loaded:
         raise UserError(f"{path}: not a readable PyTorch file ({type(e).__name__}; expected {EXPECTED})") from None
     if isinstance(obj, dict) and "method_state" in obj and "config" in obj:
         return _from_checkpoint(obj, str(path))
-    loaded = from_object(obj, str(path))
+    loaded = _from_official(obj, str(path))
     if loaded is None:
         keys = list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"{path}: no backbone in a known format (found {keys}; expected {EXPECTED})")
     return loaded
+
+
+def resolve_init(cfg: Config, path: str) -> Callable[[Method], str]:
+    """`selfsup train --init-from PATH`. Takes the pretrained backbone's architecture into `cfg.backbone` (the
+    drop path stays the recipe's) and returns the function that loads the weights into a method built from
+    `cfg`: the whole method (heads, teachers, centres) when PATH is a selfsup checkpoint or run folder of the
+    same method with the same shapes; otherwise the backbone, into the student and its momentum teachers, with
+    fresh heads. PATH is anything `load` accepts (official DINO / DINOv2 weights included)."""
+    loaded = load(path)
+    b = cfg.backbone
+    cfg.backbone = dataclasses.replace(loaded.config, drop_path=b.drop_path, drop_path_uniform=b.drop_path_uniform)
+    p = Path(path)
+    checkpoint = latest(p) if p.is_dir() else (p if p.suffix == ".pt" else None)
+    state = load_checkpoint(checkpoint) if checkpoint is not None else None
+
+    def init(method: Method) -> str:
+        if state is not None and state.get("method") == cfg.method:
+            ours = method.state_dict()
+            theirs = state["method_state"]
+            if ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours):
+                method.load_state_dict(theirs)
+                return "the whole method (backbone, heads, teachers); a fresh optimiser and schedule"
+        weights = loaded.backbone.state_dict()
+        for backbone in method.backbones():
+            backbone.load_state_dict(weights)
+        return "the backbone, into the student and its teachers; fresh heads"
+
+    return init

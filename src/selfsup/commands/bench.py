@@ -6,8 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..bench import Setting, measure, measure_run, run_summary, run_table, save_result
+from ..cli import print_json
 from ..config import Config, apply, load_recipe, parse_override, validate
-from ..errors import UserError
+from ..core.errors import UserError
+from .report import run_config
 
 log = logging.getLogger("selfsup")
 
@@ -88,8 +91,6 @@ def bench_config(args: argparse.Namespace) -> Config:
 
 def checkpoint_config(args: argparse.Namespace) -> Config:
     """The run's config, then the overrides, then the flags that keep their meaning (batch, device, dtype)."""
-    from .report import run_config
-
     model_flags = [flag for key, flag in MODEL_FLAGS.items() if getattr(args, key) is not None]
     if model_flags:
         raise UserError(f"bench --checkpoint times the run's own model: drop {', '.join(model_flags)} (or bench "
@@ -106,9 +107,6 @@ def checkpoint_config(args: argparse.Namespace) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import Setting, measure
-    from ..cli import print_json
-
     cfg = checkpoint_config(args) if args.checkpoint else bench_config(args)
     dtype = cfg.train.precision
     backends = ["flash", "math"] if args.attention == "both" else [args.attention]
@@ -134,9 +132,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_checkpoint(args: argparse.Namespace, cfg: Config, settings: dict) -> int:
     """Time the run's training step and inference, print the table and save RUN/bench.json."""
-    from ..bench import measure_run, run_summary, run_table, save_result
-    from ..cli import print_json
-
     run_dir = Path(args.checkpoint)
     result = measure_run(run_dir, cfg, settings, args.steps, args.warmup,
                          (args.mode,) if args.mode else ("train", "infer"))

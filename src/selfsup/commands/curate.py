@@ -12,8 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ..errors import UserError
+from .. import curate as cu
+from ..cli import print_json
+from ..core.device import resolve_device
+from ..core.errors import UserError
+from ..data.builtin import open_source
+from ..eval.cache import FeatureCache, cache_folder
+from ..eval.copydetect import Whitening, gem
+from ..eval.features import extract
+from ..viz.dense import grid
+from ..weights import load
 
 log = logging.getLogger("selfsup")
 WHITENING_SAMPLE = 20000  # pool images that learn the copy-detection whitening (DINO fits it on 20k distractors)
@@ -134,20 +144,12 @@ class Embedder:
     """[CLS] and GeM of the patch tokens of every image of a source, through the feature cache."""
 
     def __init__(self, args: argparse.Namespace):
-        from ..eval.cache import FeatureCache, cache_folder
-        from ..train.trainer import resolve_device
-        from ..weights import load
-
         self.args, self.loaded = args, load(args.checkpoint)
         self.device = resolve_device(args.device)
         self.backbone = self.loaded.backbone.to(self.device).eval()
         self.cache = FeatureCache(None if args.no_cache else cache_folder(args.checkpoint), args.checkpoint)
 
     def __call__(self, spec: str, role: str):
-        from ..data.builtin import open_source
-        from ..eval.copydetect import gem
-        from ..eval.features import extract
-
         source = open_source(spec)
         loaded = self.loaded
 
@@ -170,8 +172,6 @@ def dedup_space(pool: dict, others: list[dict], kind: str) -> tuple[torch.Tensor
     """The descriptors de-duplication compares, for the pool and the protected sets alike: DINO's copy-detection
     descriptor ([CLS] + GeM p=4, PCA-whitened on pool images, L2-normalised; eval_copy_detection.py) when the pool
     has enough images to learn the whitening (4 per dimension), else centred on the pool mean and normalised."""
-    from ..eval.copydetect import Whitening
-
     def raw(f: dict) -> torch.Tensor:
         return torch.cat([f["cls"], f["gem"]], 1) if kind == "copydetect" else f["cls"]
 
@@ -187,8 +187,6 @@ def dedup_space(pool: dict, others: list[dict], kind: str) -> tuple[torch.Tensor
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import curate as cu
-
     check(args)
     out = Path(args.out)
     times: dict[str, float] = {}
@@ -292,8 +290,6 @@ def run(args: argparse.Namespace) -> int:
     if shards:
         print(f"train with: --data '{shards['spec']}'")
     if args.json:
-        from ..cli import print_json
-
         print_json(summary)
     return 0
 
@@ -301,8 +297,7 @@ def run(args: argparse.Namespace) -> int:
 def write_shards(parts: list, out: Path, shard_size: int, seed: int) -> dict:
     """The selection as webdataset shards (the layout of `selfsup shards`): files' bytes unchanged, other images
     (shards, built-in sets) encoded as PNG; labels where the source has classes."""
-    import webdataset as wds
-    from PIL import Image
+    import webdataset as wds  # optional: the `shards` extra
 
     out.mkdir(parents=True, exist_ok=True)
     items = [(s, i) for s, idx in parts for i in idx]
@@ -336,8 +331,6 @@ def _thumb(source, i: int) -> np.ndarray:
 def draw_groups(source, groups: np.ndarray, names: list[str], path: Path, rows: int = 8,
                 cols: int = 6) -> str | None:
     """The largest duplicate groups, one a row: the kept image first, then removed ones."""
-    from ..viz.dense import grid
-
     sizes = np.bincount(groups, minlength=len(groups))
     big = [g for g in np.argsort(-sizes, kind="stable")[:rows].tolist() if sizes[g] > 1]
     if not big:
@@ -354,11 +347,8 @@ def draw_groups(source, groups: np.ndarray, names: list[str], path: Path, rows: 
 def draw_retrieved(cur_source, cur: torch.Tensor, pool_source, pool: torch.Tensor, index: np.ndarray, path: Path,
                    k: int, rows: int = 8) -> str:
     """Curated images (left) beside their nearest pool images."""
-    from ..curate import knn
-    from ..viz.dense import grid
-
     queries = np.unique(np.linspace(0, len(cur) - 1, min(rows, len(cur))).round().astype(int)).tolist()
-    sims, nbr = knn(cur[queries], pool, min(k, 6))
+    sims, nbr = cu.knn(cur[queries], pool, min(k, 6))
     table = []
     for r, q in enumerate(queries):
         row = [(_thumb(cur_source, q), f"query {q}")]
@@ -371,8 +361,6 @@ def draw_retrieved(cur_source, cur: torch.Tensor, pool_source, pool: torch.Tenso
 def draw_clusters(source, index: np.ndarray, labels: np.ndarray, path: Path, seed: int, rows: int = 10,
                   cols: int = 8) -> str:
     """Random members of the top-level clusters, one cluster a row."""
-    from ..viz.dense import grid
-
     rng = np.random.default_rng(seed)
     sizes = np.bincount(labels)
     table = []

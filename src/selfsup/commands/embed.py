@@ -4,12 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from ..errors import UserError
+from ..core.device import resolve_device
+from ..core.errors import UserError
+from ..core.io import atomic_write
+from ..data.builtin import open_source
+from ..eval.features import extract
+from ..weights import load
 
 log = logging.getLogger("selfsup")
 
@@ -41,13 +46,6 @@ def file_names(source) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
-    from ..data.builtin import open_source
-    from ..eval.features import extract
-    from ..train.trainer import resolve_device
-    from ..weights import load
-
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
     if args.workers is not None and args.workers < 0:
@@ -77,10 +75,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {"checkpoint": str(args.checkpoint), "data": args.data, "image_size": loaded.image_size,
             "mean": list(loaded.mean), "std": list(loaded.std), "files": file_names(source),
             "classes": source.classes}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"selfsup": json.dumps(meta)})
-    os.replace(tmp, out)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"selfsup": json.dumps(meta)}))
     n, d = tensors["features"].shape
     what = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
     print(f"{n} images of {args.data} -> {out} ({what}; {d}-dim features of {loaded.source})")

@@ -5,11 +5,20 @@ folder (`eval/<protocol>-<data>.json`, for `selfsup report`) and, with --json, e
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..eval.cache import FeatureCache, cache_folder
+from ..eval.cluster import kmeans_scores
+from ..eval.features import available, select
+from ..eval.knn import knn_accuracy
+from ..eval.linear import LEARNING_RATES, linear_probe
+from ..eval.lowshot import lowshot
+from ..eval.retrieval import retrieval_scores
+from ..eval.run import frozen_features
+from .eval_dense import register as register_dense
+from .shared import finish, loaded_backbone
 
 
 def common(p: argparse.ArgumentParser, features: str = "cls") -> None:
@@ -77,9 +86,6 @@ def register(sub) -> None:
         "Reports mAP over the full ranking and recall@1/5 (a relevant image among the k nearest).")
     common(retrieval)
     retrieval.set_defaults(run=run_retrieval)
-
-    from .eval_dense import register as register_dense
-
     register_dense(protocols)
 
 
@@ -97,22 +103,8 @@ def parse_ks(text: str) -> list[int]:
     return parse_list(text, "--k")
 
 
-def loaded_backbone(args: argparse.Namespace):
-    """The backbone to evaluate, with its input size; `--random-init` builds the same architecture afresh."""
-    from ..train.trainer import resolve_device
-    from ..weights import load
-
-    loaded = load(args.checkpoint)
-    if args.random_init:
-        loaded.backbone = loaded.random_init(seed=0)
-    return loaded, resolve_device(args.device)
-
-
 def frozen(args: argparse.Namespace):
     """The cached features of the train and test splits, and a one-line description of what is evaluated."""
-    from ..eval.cache import FeatureCache, cache_folder
-    from ..eval.run import frozen_features
-
     loaded, device = loaded_backbone(args)
     folder = None if args.no_cache else cache_folder(args.checkpoint)
     cache = FeatureCache(folder, args.checkpoint, "random-init" if args.random_init else "trained")
@@ -122,34 +114,10 @@ def frozen(args: argparse.Namespace):
 
 
 def features(f, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..eval.features import select
-
     return select(f.train, kind), select(f.test, kind)
 
 
-def finish(args: argparse.Namespace, protocol: str, result: dict) -> int:
-    """Record the result in the run folder (for `selfsup report`) and print the JSON line."""
-    from ..cli import print_json
-    from ..eval.cache import run_folder, slug
-
-    result = {"protocol": protocol, "checkpoint": str(args.checkpoint), "data": args.data,
-              "random_init": args.random_init, **({"features": args.features} if "features" in args else {}), **result}
-    run = run_folder(args.checkpoint)
-    if run is not None:
-        out = run / "eval" / f"{protocol}-{slug(args.data)}{'-random-init' if args.random_init else ''}.json"
-        try:
-            out.parent.mkdir(exist_ok=True)
-            out.write_text(json.dumps(result, indent=2))
-        except OSError:
-            pass  # a read-only run folder: the result is still printed
-    if args.json:
-        print_json(result)
-    return 0
-
-
 def run_knn(args: argparse.Namespace) -> int:
-    from ..eval.knn import knn_accuracy
-
     ks = parse_ks(args.k)
     f, what, _ = frozen(args)
     xtr, xte = features(f, args.features)
@@ -163,9 +131,6 @@ def run_knn(args: argparse.Namespace) -> int:
 
 
 def run_linear(args: argparse.Namespace) -> int:
-    from ..eval.features import available
-    from ..eval.linear import LEARNING_RATES, linear_probe
-
     f, what, device = frozen(args)
     kinds = available(f.train) if args.features == "all" else args.features.split(",")
     lrs = parse_list(args.lrs, "--lrs", float, 0.0) if args.lrs else list(LEARNING_RATES)
@@ -182,8 +147,6 @@ def run_linear(args: argparse.Namespace) -> int:
 
 
 def run_lowshot(args: argparse.Namespace) -> int:
-    from ..eval.lowshot import lowshot
-
     fractions = parse_list(args.fractions, "--fractions", float, 0.0)
     if any(fr > 1 for fr in fractions) or args.seeds < 1 or args.lambd <= 0:
         raise UserError("lowshot: --fractions must lie in (0, 1], --seeds >= 1 and --lambd > 0")
@@ -197,8 +160,6 @@ def run_lowshot(args: argparse.Namespace) -> int:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    from ..eval.cluster import kmeans_scores
-
     f, what, _ = frozen(args)
     _, xte = features(f, args.features)
     r = kmeans_scores(xte, f.test_labels, len(f.classes), args.seed)
@@ -208,8 +169,6 @@ def run_cluster(args: argparse.Namespace) -> int:
 
 
 def run_retrieval(args: argparse.Namespace) -> int:
-    from ..eval.retrieval import retrieval_scores
-
     f, what, _ = frozen(args)
     xtr, xte = features(f, args.features)
     r = retrieval_scores(xtr, f.train_labels, xte, f.test_labels)

@@ -11,7 +11,23 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..data.dense import IGNORE, open_depth, open_segmentation, open_video
+from ..data.scenes import SceneSet, SceneVideos
+from ..eval.attention_masks import attention_jaccard
+from ..eval.cache import FeatureCache, cache_folder, run_folder, slug
+from ..eval.copydetect import copy_detection
+from ..eval.dense_features import dense_features, video_features
+from ..eval.depth import linear_depth
+from ..eval.segment import linear_segmentation, segmentation_input
+from ..viz.dense import (
+    attention_mask_figure,
+    depth_figure,
+    save_masks,
+    segmentation_figure,
+    video_figure,
+)
+from .shared import finish, loaded_backbone
 
 log = logging.getLogger("selfsup")
 
@@ -91,9 +107,6 @@ def register(protocols) -> None:
 
 def setup(args: argparse.Namespace):
     """(loaded backbone, device, cache, input size, what is evaluated)."""
-    from ..eval.cache import FeatureCache, cache_folder
-    from .eval import loaded_backbone
-
     loaded, device = loaded_backbone(args)
     size = args.size or loaded.image_size
     cache = FeatureCache(None if args.no_cache else cache_folder(args.checkpoint), args.checkpoint,
@@ -103,11 +116,7 @@ def setup(args: argparse.Namespace):
 
 def open_dense(spec: str, split: str, need: str):
     """A dense set: `scenes`, or a folder in a segmentation or depth layout; `need` is 'mask' or 'depth'."""
-    from ..data.dense import open_depth, open_segmentation
-
     if spec == "scenes":
-        from ..data.scenes import SceneSet
-
         return SceneSet(split)
     root = Path(spec).expanduser()
     if not root.is_dir():
@@ -117,8 +126,6 @@ def open_dense(spec: str, split: str, need: str):
 
 def figure_path(args: argparse.Namespace, protocol: str) -> Path | None:
     """Where a protocol's picture goes: beside its JSON in the run folder, else in ./selfsup-eval."""
-    from ..eval.cache import run_folder, slug
-
     run = run_folder(args.checkpoint)
     folder = run / "eval" if run is not None else Path("selfsup-eval")
     name = f"{protocol}-{slug(args.data)}{'-random-init' if args.random_init else ''}.png"
@@ -130,12 +137,6 @@ def figure_path(args: argparse.Namespace, protocol: str) -> Path | None:
 
 
 def run_attention_masks(args: argparse.Namespace) -> int:
-    from ..data.dense import IGNORE
-    from ..eval.attention_masks import attention_jaccard
-    from ..eval.dense_features import dense_features
-    from ..viz.dense import attention_mask_figure
-    from .eval import finish
-
     if not 0 < args.mass < 1:
         raise UserError(f"--mass {args.mass}: expected a share between 0 and 1")
     loaded, device, cache, size, what = setup(args)
@@ -158,17 +159,10 @@ def run_attention_masks(args: argparse.Namespace) -> int:
 
 
 def probe_input(f, layers: int) -> torch.Tensor:
-    from ..eval.segment import segmentation_input
-
     return segmentation_input(f.patch[:, -layers:], f.cls[:, -layers:])
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from ..eval.dense_features import dense_features
-    from ..eval.segment import linear_segmentation
-    from ..viz.dense import segmentation_figure
-    from .eval import finish
-
     loaded, device, cache, size, what = setup(args)
     sets = {s: open_dense(args.data, s, "mask") for s in ("train", "test")}
     f = {s: dense_features(loaded.backbone, src, args.data, s, size, args.layers, loaded.mean, loaded.std, device,
@@ -189,11 +183,6 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def run_depth(args: argparse.Namespace) -> int:
-    from ..eval.dense_features import dense_features
-    from ..eval.depth import linear_depth
-    from ..viz.dense import depth_figure
-    from .eval import finish
-
     loaded, device, cache, size, what = setup(args)
     sets = {s: open_dense(args.data, s, "depth") for s in ("train", "test")}
     if not sets["train"].has_depth:
@@ -216,11 +205,7 @@ def run_depth(args: argparse.Namespace) -> int:
 
 
 def open_videos(spec: str):
-    from ..data.dense import open_video
-
     if spec == "scenes-video":
-        from ..data.scenes import SceneVideos
-
         return SceneVideos()
     root = Path(spec).expanduser()
     if not root.is_dir():
@@ -229,11 +214,13 @@ def open_videos(spec: str):
 
 
 def run_video(args: argparse.Namespace) -> int:
-    from ..eval.dense_features import video_features
-    from ..eval.video import j_and_f, labels_to_patches, propagate, summarise, upsample_labels
-    from ..viz.dense import save_masks, video_figure
-    from .eval import finish
-
+    from ..eval.video import (  # scipy: start-up
+        j_and_f,
+        labels_to_patches,
+        propagate,
+        summarise,
+        upsample_labels,
+    )
     if args.n_last < 0 or args.topk < 1 or args.radius < 1:
         raise UserError("video: --n-last must be >= 0, --topk and --radius >= 1")
     loaded, device, cache, size, what = setup(args)
@@ -275,9 +262,6 @@ def run_video(args: argparse.Namespace) -> int:
 
 
 def run_copydetect(args: argparse.Namespace) -> int:
-    from ..eval.copydetect import copy_detection
-    from .eval import finish
-
     if args.queries < 1:
         raise UserError("copydetect: --queries must be at least 1")
     loaded, device, cache, size, what = setup(args)

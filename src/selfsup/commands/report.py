@@ -6,8 +6,14 @@ import html
 import logging
 from pathlib import Path
 
+from ..cli import print_json
 from ..config import Config, load_recipe
-from ..errors import UserError
+from ..core.device import resolve_device
+from ..core.errors import UserError
+from ..viz.attention import attention_figure, attention_maps
+from ..viz.images import viz_images
+from ..viz.pca import pca_figure, pca_maps
+from ..weights import load
 
 log = logging.getLogger("selfsup")
 
@@ -43,10 +49,6 @@ def run_config(run_dir: Path) -> Config:
 
 def pictures(run_dir: Path, images, folder: Path, device, size: int | None) -> list[tuple[Path, str]]:
     """Attention maps (trained and random init) and PCA of the run's backbone, as PNGs in `folder`."""
-    from ..viz.attention import attention_figure, attention_maps
-    from ..viz.pca import pca_figure, pca_maps
-    from ..weights import load
-
     loaded = load(run_dir)
     size, mean, std = size or loaded.image_size, loaded.mean, loaded.std
     out = []
@@ -60,10 +62,7 @@ def pictures(run_dir: Path, images, folder: Path, device, size: int | None) -> l
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import print_json
-    from ..train.trainer import resolve_device
-    from ..viz import report
-    from ..viz.images import viz_images
+    from ..viz import report  # matplotlib: out of every command's start-up
 
     run_dir = Path(args.run_dir)
     cfg = run_config(run_dir)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
+from ..cli import print_json
+from ..core.errors import UserError
+from ..data.sources import open_folder
 
 log = logging.getLogger("selfsup")
 
@@ -29,8 +31,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.sources import open_folder
-
     try:
         import webdataset as wds
     except ImportError:
@@ -59,7 +59,5 @@ def run(args: argparse.Namespace) -> int:
     what = f", {len(source.classes)} classes" if source.classes else ""
     print(f"{len(order)} images{what} -> {n_shards} shard(s) in {out}\ntrain with: --data '{spec}'")
     if args.json:
-        from ..cli import print_json
-
         print_json({"images": len(order), "shards": n_shards, "spec": spec, "classes": source.classes})
     return 0

@@ -4,16 +4,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from ..cli import print_json
 from ..config import Config, apply, highres_crops, load_recipe, parse_override, shipped_recipe, validate
+from ..core import distributed
+from ..core.device import resolve_device
+from ..core.machine import process_start, usable_cores
+from ..core.progress import format_duration
 from ..data.builtin import BUILTIN
-from ..machine import process_start, usable_cores
-from ..progress import format_duration
+from ..eval.run import attention_table, final_table, knn_of_backbone
+from ..methods import method_class
+from ..train.auto import CPU_TIME, fitted, profile
 from ..train.runlog import RunLog
+from ..train.trainer import Collapsed, Interrupted, Trainer, training_source
+from ..weights import resolve_init, save_backbone
 
 log = logging.getLogger("selfsup")
 
@@ -145,13 +156,6 @@ def dotted(d: dict, prefix: str = "") -> list[str]:
 
 def fit_recipe(method: str, data: str, user: dict) -> Resolved:
     """A recipe fitted to the images of `data` and to this machine (train/auto.py)."""
-    import math
-
-    import torch
-
-    from ..train.auto import CPU_TIME, fitted, profile
-    from ..train.trainer import resolve_device, training_source
-
     source = training_source(data)
     device = resolve_device(user.get("train", {}).get("device", "auto"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -205,8 +209,6 @@ def run_folder(cfg: Config, explicit: str | None, resume: bool) -> Path:
 def table_text(table: dict, cfg: Config) -> str:
     spec = cfg.data.eval_source or cfg.data.source
     lines = [f"weighted k-NN (k={cfg.eval.k}, T={cfg.eval.temperature}) on the test split of {spec}:"]
-    from ..methods import method_class
-
     rows = [(f"trained ({method_class(cfg.method).keeps_label})", "trained"),
             ("same architecture, random init", "random_init"), ("raw pixels", "raw_pixels")]
     for label, key in rows:
@@ -235,11 +237,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace, started: float, run_log: RunLog) -> int:
-    from ..eval.run import attention_table, final_table
-    from ..methods import resolve_init
-    from ..train import distributed
-    from ..train.trainer import Collapsed, Interrupted, Trainer
-
     resolved = resolve_config(args)
     out = run_folder(resolved.cfg, args.out, args.resume)
     if args.resume and (out / "config.yaml").exists():  # the run's own plan: its fitted recipe, batch and length
@@ -252,7 +249,7 @@ def train(args: argparse.Namespace, started: float, run_log: RunLog) -> int:
     log.info("  %s", describe(cfg))
     trainer = None
     try:
-        trainer = Trainer(cfg, out, resume=args.resume, run_log=run_log)
+        trainer = Trainer(cfg, out, resume=args.resume, run_log=run_log, evaluate=knn_of_backbone)
         if init is not None:  # a resumed run then continues from its own checkpoint instead
             log.info("--init-from %s: loaded %s", args.init_from, init(trainer.method))
         result = trainer.fit(resolved.choose_batch, started)
@@ -269,6 +266,7 @@ def train(args: argparse.Namespace, started: float, run_log: RunLog) -> int:
         distributed.shutdown()  # torchrun's process group, if any: the evaluation below is rank 0's alone
     if not result:  # not the main process
         return 0
+    save_backbone(trainer.method.backbone(), trainer.cfg, out / "backbone.safetensors")
     table = final_table(trainer.method.backbone(), cfg, trainer.device) if cfg.eval.final else None
     result["knn"] = table
     result["attention_masks"] = attention_table(trainer.method.backbone(), cfg, trainer.device) if cfg.eval.final \
@@ -282,7 +280,5 @@ def train(args: argparse.Namespace, started: float, run_log: RunLog) -> int:
     print(said)
     run_log.write(said)
     if args.json:
-        from ..cli import print_json
-
         print_json(result)
     return 0

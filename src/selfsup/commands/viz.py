@@ -4,7 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import UserError
+from ..cli import print_json
+from ..core.errors import UserError
+from ..eval.cache import run_folder
+from ..viz.attention import attention_figure, attention_maps
+from ..viz.images import viz_images
+from ..viz.pca import pca_figure, pca_maps
+from .shared import loaded_backbone
 
 
 def register(sub) -> None:
@@ -40,10 +46,6 @@ def common(p: argparse.ArgumentParser) -> None:
 
 def setup(args: argparse.Namespace):
     """(loaded backbone, images, input size, output folder, device)."""
-    from ..eval.cache import run_folder
-    from ..viz.images import viz_images
-    from .eval import loaded_backbone
-
     if args.n < 1 or (args.size is not None and args.size < 1):
         raise UserError("--n and --size must be at least 1")
     images = viz_images(args.images, args.data, args.n)
@@ -54,8 +56,6 @@ def setup(args: argparse.Namespace):
 
 
 def finish(args: argparse.Namespace, result: dict) -> int:
-    from ..cli import print_json
-
     print(f"wrote {result['png']}")
     if args.json:
         print_json({"checkpoint": str(args.checkpoint), "random_init": args.random_init, **result})
@@ -63,8 +63,6 @@ def finish(args: argparse.Namespace, result: dict) -> int:
 
 
 def run_attention(args: argparse.Namespace) -> int:
-    from ..viz.attention import attention_figure, attention_maps
-
     if not 0 < args.mass <= 1:
         raise UserError(f"--mass {args.mass}: expected a share in (0, 1]")
     loaded, images, size, out, device = setup(args)
@@ -78,8 +76,6 @@ def run_attention(args: argparse.Namespace) -> int:
 
 
 def run_pca(args: argparse.Namespace) -> int:
-    from ..viz.pca import pca_figure, pca_maps
-
     loaded, images, size, out, device = setup(args)
     maps = pca_maps(loaded.backbone, images, size, loaded.mean, loaded.std, device)
     result = pca_figure(maps, out / ("pca-random-init.png" if args.random_init else "pca.png"))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .sources import IMAGE_SUFFIXES, decode
 
 log = logging.getLogger("selfsup")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..errors import UserError
+from ..core.errors import UserError
+from .shards import ShardBatches
 from .sources import Source
 from .views import MultiCrop, Views
 
@@ -58,8 +59,6 @@ def make_batches(source: Source, multicrop: MultiCrop, global_batch: int, rank: 
                  seed: int = 0) -> Dataset:
     """Map-style batches over an indexable source; streamed ones over tar shards."""
     if getattr(source, "streamed", False):
-        from .shards import ShardBatches
-
         return ShardBatches(source, multicrop, global_batch, rank, world, seed)
     return MultiCropBatches(source, multicrop, global_batch, rank, world, seed)
 

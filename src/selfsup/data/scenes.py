@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .dense import DenseItem, DenseSource, VideoSequence, VideoSource
+from .packaged import mnist5k, skimage_dir, split_tensor
 
 SIZE = 64  # pixels: an 8 x 8 grid of patch 8, a CPU trains it in minutes
 N_SPLIT = {"train": 2000, "test": 500}
@@ -42,8 +43,6 @@ GENERATOR = "scenes-4"  # bump when what a seed generates changes: cached featur
 @functools.lru_cache(maxsize=None)
 def _photo(name: str, size: int = 128) -> np.ndarray:
     """A photo resized to size x size, float [size, size, 3] in 0..1 (or [size, size] for textures)."""
-    from .builtin import skimage_dir
-
     if name in PHOTOS:
         file, box = PHOTOS[name]
         im = Image.open(skimage_dir() / file).convert("RGB").crop(box)
@@ -55,8 +54,6 @@ def _photo(name: str, size: int = 128) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _horse() -> np.ndarray:
-    from .builtin import skimage_dir
-
     im = Image.open(skimage_dir() / "horse.png").convert("L").resize((128, 128), Image.BILINEAR)
     return (np.asarray(im, dtype=np.float32) / 255.0) < 0.5  # black silhouette on white
 
@@ -64,9 +61,7 @@ def _horse() -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _digits() -> np.ndarray:
     """MNIST digits [n, 28, 28] in 0..1 (the 4,000 of mnist5k's train split)."""
-    from .builtin import open_source
-
-    return open_source("mnist5k", "train").images[:, 0].numpy().astype(np.float32) / 255.0
+    return split_tensor(mnist5k(), "train").images[:, 0].numpy().astype(np.float32) / 255.0
 
 
 def sample(img: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:

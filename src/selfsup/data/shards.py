@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ..errors import UserError
+from ..core.distributed import min_over_ranks
+from ..core.errors import UserError
 from .sources import EncodedSource, Skipped, decode
 from .views import MultiCrop
 
@@ -157,8 +158,6 @@ class ShardBatches(IterableDataset):
 
     def __init__(self, source: ShardSource, multicrop: MultiCrop, global_batch: int, rank: int = 0,
                  world: int = 1, seed: int = 0, buffer: int = 1000):
-        from ..train.distributed import min_over_ranks
-
         if global_batch % world:
             raise UserError(f"optim.batch_size={global_batch} must be divisible by the number of processes ({world})")
         if len(source.paths) < world:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 log = logging.getLogger("selfsup")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}

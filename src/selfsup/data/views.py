@@ -187,6 +187,15 @@ class MultiCrop:
         return Views(Crops(g_img, g_par), local, labels, index, m)
 
 
+def synthetic_views(multicrop: MultiCrop, n: int, seed: int = 0) -> Views:
+    """Multi-crop views of `n` random images 1.15x the global crop size, through the real `multicrop` (trial
+    steps and benchmarks: no data read)."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(multicrop.cfg.global_size * 1.15)
+    samples = [(torch.randint(0, 256, (3, side, side), generator=g, dtype=torch.uint8), 0, i) for i in range(n)]
+    return multicrop(samples, 0)
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     w = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)

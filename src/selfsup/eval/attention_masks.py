@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
 from ..viz.attention import MASS, mass_mask
 
 

@@ -22,7 +22,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..core.io import atomic_write
 from ..data.sources import Source
+from ..weights import run_backbone_file
 
 log = logging.getLogger("selfsup")
 VERSION = 2  # bump when what is stored changes
@@ -55,8 +57,6 @@ def cache_folder(checkpoint: str | Path) -> Path:
 def file_identity(path: str | Path) -> dict:
     """A checkpoint's identity: the resolved path, size and modification time of the file `load` reads (or its
     name, if not a file)."""
-    from ..weights import run_backbone_file
-
     p = Path(path).expanduser()
     if p.is_dir():
         p = run_backbone_file(p) or p
@@ -130,10 +130,8 @@ class FeatureCache:
 
     def _write(self, path: Path, key: dict, tensors: dict[str, torch.Tensor]) -> bool:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={KEY: json.dumps(key)})
-            os.replace(tmp, path)
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={KEY: json.dumps(key)}))
             log.info("features cached in %s", path)
             return True
         except OSError as e:

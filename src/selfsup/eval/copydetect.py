@@ -14,8 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
+from ..core.errors import UserError
+from ..data.builtin import open_source
 from ..data.sources import Source
-from ..errors import UserError
+from ..nn.vit import require_vit
+from .features import extract
 
 
 def _crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -236,10 +239,6 @@ def copy_detection(loaded, spec: str, size: int, n_queries: int, seed: int, devi
     """DINO's copy-detection protocol on any source: the test split is the database (the originals of the copies
     among distractors), `n_queries` of its images (evenly spread) get a distorted copy, the train split (at most
     WHITENING images) learns the whitening."""
-    from ..data.builtin import open_source
-    from ..nn.vit import require_vit
-    from .features import extract
-
     vit = require_vit(loaded.backbone, "copy detection").to(device).eval()
     database, train = open_source(spec, "test"), open_source(spec, "train")
     n = min(n_queries, len(database))

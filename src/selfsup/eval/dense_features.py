@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.errors import UserError
+from ..core.progress import ProgressLine
 from ..data.dense import DenseSource, VideoSource
-from ..errors import UserError
 from ..nn.vit import require_vit
-from ..progress import ProgressLine
 from .cache import FeatureCache
 
 BATCH = 64

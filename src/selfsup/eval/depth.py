@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 from .segment import bilinear, check_pair, fit_head, predict, warmup_factor
 
 N_BINS = 256  # dinov2/hub/depthers.py _make_dinov2_linear_depth_head: classify, 256 'UD' bins, 'linear' norm

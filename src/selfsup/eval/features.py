@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -13,11 +12,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from ..core.errors import UserError
+from ..core.io import atomic_write
+from ..core.machine import usable_cores
+from ..core.progress import ProgressLine
 from ..data.sources import EncodedSource, Skipped, Source, TensorSource
 from ..data.views import eval_transform
-from ..errors import UserError
-from ..machine import usable_cores
-from ..progress import ProgressLine
+from ..nn.vit import VisionTransformer
 
 log = logging.getLogger("selfsup")
 
@@ -136,10 +137,8 @@ def joined(parts: list) -> torch.Tensor | Features:
 def save_rows(path: Path, feats: torch.Tensor | Features, labels: torch.Tensor) -> None:
     """The rows extracted so far, replacing the file at once (a crash leaves the previous rows)."""
     tensors = dict(feats) if isinstance(feats, dict) else {"features": feats}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({**{k: v.contiguous() for k, v in tensors.items()}, "labels": labels}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {**{k: v.contiguous() for k, v in tensors.items()}, "labels": labels}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def backbone_features(backbone: nn.Module, source: Source, size: int, device="cpu", batch: int = 256,
@@ -157,8 +156,6 @@ def backbone_features(backbone: nn.Module, source: Source, size: int, device="cp
 def token_features(backbone: nn.Module, x: torch.Tensor, n_last: int = N_LAST) -> Features:
     """'cls': the [CLS] of the last n blocks [b, n, D]; 'avgpool': the mean of the last block's patch tokens
     [b, D] (registers excluded); all through the final norm, as DINO's get_intermediate_layers gives them."""
-    from ..nn.vit import VisionTransformer
-
     if not isinstance(backbone, VisionTransformer):  # a CNN: its pooled feature is the only kind
         return {"cls": backbone(x).unsqueeze(1)}
     outs = backbone.intermediate_outputs(x, n=min(n_last, len(backbone.blocks)))

@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import UserError
 from ..data.sources import stratified_split
-from ..errors import UserError
 from .knn import accuracy
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1,  # DINOv2's grid

@@ -5,21 +5,17 @@ import torch
 from torch import nn
 
 from ..config import Config, eval_size
-from ..data.builtin import open_source
+from ..data.builtin import labelled_splits, open_source
+from ..data.dense import IGNORE
+from ..data.scenes import SceneSet
 from ..data.sources import Source
-from ..errors import UserError
 from ..nn import backbone_from_config
+from ..nn.vit import VisionTransformer
+from .attention_masks import attention_jaccard
 from .cache import FeatureCache
+from .dense_features import dense_features
 from .features import Features, backbone_features, pixel_features
 from .knn import knn_accuracy
-
-
-def labelled_splits(spec: str) -> tuple[Source, Source]:
-    """The train and test splits of a labelled source; a clear error for unlabelled data."""
-    train, test = open_source(spec, "train"), open_source(spec, "test")
-    if not train.labelled:
-        raise UserError(f"{spec}: no labels (evaluation needs a built-in set, or a folder with one subfolder per class)")
-    return train, test
 
 
 def knn_of(forward_features, train: Source, test: Source, k: int | list[int], temperature: float, desc: str) -> dict:
@@ -65,12 +61,6 @@ def final_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict 
 def attention_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict | None:
     """Jaccard of the 60 %-mass [CLS] attention masks with the objects of the test scenes (DINO Fig. 4), for the
     trained ViT and the same one at random init; None unless the run's data has object masks (`scenes`)."""
-    from ..data.dense import IGNORE
-    from ..data.scenes import SceneSet
-    from ..nn.vit import VisionTransformer
-    from .attention_masks import attention_jaccard
-    from .dense_features import dense_features
-
     if (cfg.data.eval_source or cfg.data.source) != "scenes" or not isinstance(backbone, VisionTransformer):
         return None
     test = SceneSet("test")

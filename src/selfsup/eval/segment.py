@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 IGNORE = 255
 # the released DINOv2 linear segmentation config (as reproduced in Jiawei-Yang/Denoising-ViT

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 
 def neighbourhood_mask(h: int, w: int, radius: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """What every method shares: the `Method` interface and the momentum (EMA) teacher."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 
 from ..config import BackboneConfig, Config, CropsConfig
+from ..nn import backbone_from_config
+from .collapse import CollapseCheck
 from .schedule import Progress, Schedule
-from ..train.watchdog import CollapseCheck
 
 
 @dataclass
@@ -49,8 +51,6 @@ def momentum_schedule(section: Any) -> Schedule:
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A teacher: a copy that takes no gradient and stays in eval mode (no drop path)."""
-    import copy
-
     teacher = copy.deepcopy(module)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -62,8 +62,6 @@ def momentum_teacher(student: nn.ModuleDict, backbone_cfg: BackboneConfig, parts
     """The momentum teacher / target network: theta_t = theta_s at the start, no drop path, no gradient
     (DINO Sec. 3.1, BYOL Sec. 3.1, MoCo v3 Alg. 1). `parts` picks the student's modules besides the backbone
     (BYOL and MoCo leave the predictor out); default: all of them."""
-    from ..nn import backbone_from_config
-
     backbone = backbone_from_config(backbone_cfg, drop_path=0.0)
     backbone.load_state_dict(student["backbone"].state_dict())
     rest = {k: m for k, m in student.items() if k != "backbone" and (parts is None or k in parts)}

@@ -8,7 +8,7 @@ from torch import nn
 from ..config import Config
 from ..nn.heads import ProjectionMLP
 from .schedule import Progress
-from ..train.watchdog import CollapseCheck, spread_check
+from .collapse import CollapseCheck, spread_check
 from .base import Batch
 from .siamese import MomentumSiamese
 from .simclr import spread

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..train import distributed
+from ..core import distributed
 
 
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:

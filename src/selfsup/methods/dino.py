@@ -10,9 +10,9 @@ from torch import nn
 from ..config import Config
 from ..nn import backbone_from_config, feature_dim
 from ..nn.heads import DINOHead
-from ..train import distributed
+from ..core import distributed
 from .schedule import Progress, Schedule
-from ..train.watchdog import CollapseCheck, teacher_checks
+from .collapse import CollapseCheck, teacher_checks
 from .base import Batch, Method, ema_update, momentum_schedule, momentum_teacher
 
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..errors import UserError
-from ..train import distributed
+from ..core import distributed
+from ..core.errors import UserError
 from .dino import update_center
 from .ibot import IBOT
 from .schedule import Progress

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from ..config import Config, apply
-from ..errors import UserError
-from .schedule import Progress
+from ..core.errors import UserError
+from . import build_method
 from .base import Batch, ema_update
 from .dinov2 import DINOv2
+from .schedule import Progress
 
 TEACHER_METHODS = ("dino", "ibot", "dinov2")
 
@@ -33,8 +34,6 @@ class Distill(DINOv2):
     def inputs(cls, cfg: Config, read_run: Callable[[str, str], dict]) -> tuple[Config, dict[str, nn.Module]]:
         """The teacher run named by distill.teacher, frozen, and the config with the student's heads taking the
         teacher's prototype counts (the config saved with the run is the one that built it)."""
-        from . import build_method
-
         if not cfg.distill.teacher:
             raise UserError("distill needs a teacher: distill.teacher=<run folder or checkpoint of a dino, ibot or "
                             "dinov2 run>")

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VIT_ARCHS, Config
-from ..errors import UserError
+from ..core.errors import UserError
 from ..nn.heads import ProjectionMLP
-from ..train import distributed
+from ..core import distributed
 from .schedule import Progress
-from ..train.watchdog import CollapseCheck, spread_check
+from .collapse import CollapseCheck, spread_check
 from .base import Batch
 from .contrastive import info_nce, info_nce_queue
 from .siamese import MomentumSiamese

@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..errors import UserError
+from ..core.errors import UserError
 from ..nn import backbone_from_config, feature_dim
 from ..nn.heads import ProjectionMLP
 from .schedule import Progress
-from ..train.watchdog import CollapseCheck, spread_check
+from .collapse import CollapseCheck, spread_check
 from .base import Batch, Method
 from .contrastive import nt_xent
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import BackboneConfig
-from ..errors import UserError
+from ..core.errors import UserError
 from .resnet import RESNETS, ResNet, resnet
 from .vit import VIT_SIZES, VisionTransformer, xavier_init_
 

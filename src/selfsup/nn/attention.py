@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..errors import UserError
+from ..core.errors import UserError
 
 BACKENDS = {
     "flash": [SDPBackend.FLASH_ATTENTION],

@@ -4,16 +4,14 @@ teacher, heads), the method's buffers (centre), the optimiser, the step, the con
 from __future__ import annotations
 
 import logging
-import os
-import random
 import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..errors import UserError
+from ..core.errors import UserError
+from ..core.io import atomic_write
 
 log = logging.getLogger("selfsup")
 PATTERN = re.compile(r"^checkpoint-(\d{8})\.pt$")
@@ -21,37 +19,7 @@ TEMPORARY = ".checkpoint-*.pt.tmp-*"  # what a writer killed mid-write leaves be
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..errors import UserError
+from ..core.errors import UserError
+from .lars import LARS
 
 OPTIMIZERS = ("adamw", "lars", "sgd")
 TOKENS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
@@ -64,8 +65,6 @@ def build_optimizer(modules: dict[str, nn.Module], cfg: Config, device: torch.de
         raise UserError(f"optim.optimizer={name!r}: expected one of {', '.join(OPTIMIZERS)}")
     groups = param_groups(modules, cfg, no_decay)
     if name == "lars":
-        from .lars import LARS
-
         return LARS(groups, lr=0.0)
     if name == "sgd":  # MoCo v2's: SGD with momentum 0.9 (MoCo Sec. 4.1, Chen et al. 2020 MoCo v2)
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9)

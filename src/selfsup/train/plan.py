@@ -17,10 +17,15 @@ from pathlib import Path
 
 import torch
 
-from ..bench import PeakMemory, synchronize, synthetic_views
 from ..config import eval_size
-from ..machine import free_memory, process_memory
-from ..progress import format_duration
+from ..core.device import synchronize
+from ..core.errors import UserError
+from ..core.machine import PeakMemory, free_memory, process_memory
+from ..core.progress import format_duration
+from ..data.builtin import labelled_splits, open_source
+from ..data.loader import epoch_loader
+from ..data.views import synthetic_views
+from .checkpoint import atomic_save
 
 GiB = 2**30
 WORKER_RESERVE = 0.5 * GiB  # a loader process: its own interpreter and prefetched batches
@@ -124,8 +129,7 @@ def human_bytes(n: float) -> str:
 def stage_seconds(trainer, multicrop, batch: int) -> tuple[float, float]:
     """(seconds per step, seconds to load one image) of training steps on `multicrop`'s crops: the step waits
     for the slower of the device and the loader workers."""
-    compute_s = time_steps(lambda: trainer.train_step(synthetic_views(trainer.cfg, multicrop, batch)), 2,
-                           trainer.device)
+    compute_s = time_steps(lambda: trainer.train_step(synthetic_views(multicrop, batch)), 2, trainer.device)
     load_s = load_time(trainer.source, multicrop)
     workers = trainer.cfg.data.num_workers
     return (max(compute_s, load_s * batch / workers) if workers else compute_s + load_s * batch), load_s
@@ -149,9 +153,6 @@ def matmul_flops(device: torch.device) -> float:
 
 def epoch_seconds(trainer) -> float:
     """What each epoch adds to its steps: the loader's start (its workers, the first batch) and a checkpoint."""
-    from ..data.loader import epoch_loader
-    from .checkpoint import atomic_save
-
     t = time.perf_counter()
     batches = iter(epoch_loader(trainer.batches, 0, 0, trainer.cfg.data.num_workers))
     next(batches)
@@ -164,9 +165,6 @@ def epoch_seconds(trainer) -> float:
 def eval_seconds(trainer, workers: int) -> float:
     """The final evaluation's time: features of every labelled image from the trained and the random-init
     backbone and raw pixels (decode, then forward), and their k-NN similarity matrices."""
-    from ..data.builtin import open_source
-    from ..eval.run import labelled_splits
-
     cfg, device = trainer.cfg, trainer.device
     spec = cfg.data.eval_source or cfg.data.source
     if not cfg.eval.final or not open_source(spec).labelled:
@@ -204,11 +202,9 @@ def fit_memory(trainer, choose_batch: bool) -> list[str]:
 
 
 def fit_stage(trainer, multicrop, target: int, key: str, flag: str, choose_batch: bool, start: int) -> str:
-    from ..errors import UserError
-
     cfg, device = trainer.cfg, trainer.device
     budget = memory_budget(device, cfg.train.memory_fraction, cfg.train.memory_limit_gib, cfg.data.num_workers)
-    fit = fit_batch(lambda b: trainer.train_step(synthetic_views(cfg, multicrop, b)), device, target, budget, start)
+    fit = fit_batch(lambda b: trainer.train_step(synthetic_views(multicrop, b)), device, target, budget, start)
     limit = f", train.memory_limit_gib {cfg.train.memory_limit_gib}" if cfg.train.memory_limit_gib else ""
     where = (f"{human_bytes(budget)} usable: train.memory_fraction {cfg.train.memory_fraction} of "
              f"{human_bytes(free_memory(device))} free{limit}")
@@ -232,9 +228,7 @@ def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float
     and with `budget_s` the number of steps that ends the command in time (`started`: the command's start, on
     the `time.monotonic` clock). Sets the trainer's batch, length, `step_s` and `eval_s`; returns the lines to
     print. The trainer's state is restored afterwards."""
-    from ..errors import UserError
-
-    cfg, device = trainer.cfg, trainer.device
+    cfg = trainer.cfg
     saved = trainer.snapshot()
     try:
         trainer.step = trainer.first_full_step

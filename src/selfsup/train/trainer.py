@@ -1,7 +1,7 @@
-"""The training loop shared by every method: schedules, AMP, compile, checkpoints, resume, logs, evaluation."""
+"""The training loop shared by every method: schedules, AMP, compile, checkpoints, resume, logs, and the periodic
+evaluation its caller hands it (evaluation sits above training)."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -9,25 +9,31 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..config import Config, highres_crops, parse_duration, run_dict, save
+from ..core import distributed
+from ..core.device import autocast, resolve_device
+from ..core.errors import UserError
+from ..core.io import atomic_write, read_metrics
+from ..core.machine import free_memory, process_memory
+from ..core.progress import format_duration
+from ..core.seeds import rng_state, set_rng_state, step_seed
 from ..data.builtin import open_source
 from ..data.loader import epoch_loader, make_batches
 from ..data.views import MultiCrop, Photometric
-from ..errors import UserError
-from ..machine import free_memory, process_memory
 from ..methods import build_method, method_class
 from ..methods.base import Batch, Method
 from ..nn.attention import set_attention_backend
 from ..nn.sample_rng import sample_streams
-from . import distributed
-from .checkpoint import last_before, latest, load_latest, read_run, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import last_before, latest, load_latest, read_run, save_checkpoint
+from .distributed import full_state, load_full_state, sharded, sync_batchnorm, wrap
 from .optim import build_optimizer, clip_gradients, set_schedule
-from ..progress import format_duration
 from .plan import human_bytes, is_out_of_memory, plan_run
 from .runlog import RunLog
 from .schedules import Schedules, run_length
@@ -50,16 +56,6 @@ class Collapsed(Exception):
     exit_code = 3
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name}: CUDA is not available on this machine (use cpu)")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise UserError(f"train.device={name}: expected auto, cpu or cuda")
-    return torch.device(name)
-
-
 def training_source(spec: str):
     """A labelled source trains on its train split (its test split is held out for evaluation)."""
     src = open_source(spec)
@@ -69,40 +65,23 @@ def training_source(spec: str):
 HIGHRES_EPOCH = 1_000_000  # the data epochs of the high-resolution stage count from here
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The seed of one step (the torch RNG, and the per-sample streams of drop path): a resumed run repeats it
-    exactly."""
-    return (seed * 1_000_003 + step * 7919 + 12345) % (2**63)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise UserError(f"train.precision={precision}: expected fp32 or bf16")
-    return contextlib.nullcontext()
-
-
 def trim_metrics(path: Path, step: int) -> None:
     """A resumed run logs again the steps after its checkpoint: drop them (and a line cut short by a kill)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) <= step:
-            kept.append(line + "\n")
-    path.write_text("".join(kept))
+    if path.exists():
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r.get("step", 0) <= step))
+
+
+Evaluate = Callable[[nn.Module, Config, torch.device], dict | None]  # backbone, config, device -> k-NN top-1/top-5
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out: Path, resume: bool = False, run_log: RunLog | None = None):
+    def __init__(self, cfg: Config, out: Path, resume: bool = False, run_log: RunLog | None = None,
+                 evaluate: Evaluate | None = None):
+        """`evaluate`: the k-NN every eval.every steps (`eval.run.knn_of_backbone`), logged to metrics.jsonl;
+        without it there is none."""
         # the config that builds the method (a distillation's heads take its teacher's sizes) is the one saved
         cfg, networks = method_class(cfg.method).inputs(cfg, read_run)
-        self.cfg, self.out, self.resume = cfg, out, resume
+        self.cfg, self.out, self.resume, self.evaluate = cfg, out, resume, evaluate
         self.device = distributed.init(resolve_device(cfg.train.device))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -111,15 +90,15 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         method = build_method(cfg, **networks)
         if not method.local_batchnorm:
-            method = distributed.sync_batchnorm(method, self.device)
+            method = sync_batchnorm(method, self.device)
         self.method = method.to(self.device)
         set_attention_backend(self.method, cfg.train.attention, self.device)  # training and evaluation
         self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
         self.highres = highres_crops(cfg)  # DINOv2's high-resolution stage, or None
         self.schedule()
         self.photometric = Photometric(cfg.crops)
-        self.model = distributed.wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
-        self.sharded = distributed.sharded(self.method)
+        self.model = wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
+        self.sharded = sharded(self.method)
         self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device, self.method.no_decay)
         self.run_log = run_log or RunLog()
         self.watchdog = Watchdog(self.method.collapse_checks(), cfg.train.collapse_patience)
@@ -180,12 +159,12 @@ class Trainer:
     # ----- state -----
     def state(self) -> dict:
         """Everything a run needs to continue; under FSDP gathered from all ranks (every rank must call)."""
-        method_state, optimizer = distributed.full_state(self.method, self.optimizer)
+        method_state, optimizer = full_state(self.method, self.optimizer)
         return {"method_state": method_state, "optimizer": optimizer, "step": self.step, "config": run_dict(self.cfg, self.method.sections), "rng": rng_state(), "method": self.cfg.method,
                 "bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps}
 
     def load_state(self, state: dict) -> None:
-        distributed.load_full_state(self.method, self.optimizer, state["method_state"], state["optimizer"])
+        load_full_state(self.method, self.optimizer, state["method_state"], state["optimizer"])
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -220,7 +199,7 @@ class Trainer:
         from every rank (all ranks must call; None on ranks other than 0)."""
         if not self.sharded:
             return self.method
-        state, _ = distributed.full_state(self.method)
+        state, _ = full_state(self.method)
         if not distributed.is_main():
             return None
         whole = build_method(self.cfg, **method_class(self.cfg.method).inputs(self.cfg, read_run)[1])
@@ -429,12 +408,12 @@ class Trainer:
             raise Collapsed(f"stopped at step {self.step} (train.stop_on_collapse): {warning.message()}; {kept}")
 
     def periodic_eval(self, metrics_file) -> None:
-        from ..eval.run import knn_of_backbone
-
+        if self.evaluate is None:
+            return
         method = self.whole_method()
         if not distributed.is_main():
             return
-        res = knn_of_backbone(method.backbone(), self.cfg, self.device)
+        res = self.evaluate(method.backbone(), self.cfg, self.device)
         if res is not None:
             log.info("step %d: k-NN top-1 %.2f", self.step, res["top1"])
             if metrics_file:
@@ -442,11 +421,8 @@ class Trainer:
                 metrics_file.flush()
 
     def _finish(self) -> dict:
-        from ..weights import save_backbone
-
-        self.method = self.whole_method()  # under FSDP: what callers evaluate after `fit`
+        self.method = self.whole_method()  # under FSDP: what callers evaluate and export after `fit`
         if not distributed.is_main():
             return {}
-        save_backbone(self.method.backbone(), self.cfg, self.out / "backbone.safetensors")
         return {"run": str(self.out), "steps": self.step, "skipped_steps": self.skipped_steps,
                 "collapse_warnings": self.collapse_warnings}

@@ -64,7 +64,7 @@ def upsample(grid: torch.Tensor, shape: tuple[int, int]) -> np.ndarray:
 def attention_figure(maps: list[AttentionMap], path: Path, mass: float = MASS) -> dict:
     """A PNG grid, two rows per image: the image and each head's attention; the mean over heads and each
     head's `mass` mask. With registers, a last column shows each head's [CLS] -> register attention."""
-    from .plots import plt
+    from .plots import plt  # matplotlib: imported when drawing
 
     heads, n_reg = maps[0].patches.shape[0], maps[0].registers.shape[1]
     cols = 1 + heads + (1 if n_reg else 0)

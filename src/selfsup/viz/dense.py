@@ -47,7 +47,7 @@ def overlay(image: np.ndarray, mask: torch.Tensor, alpha: float = 0.55) -> np.nd
 
 
 def grid(rows: list[list[tuple[np.ndarray, str]]], path: Path, title: str, cmap: str | None = None) -> None:
-    from .plots import plt
+    from .plots import plt  # matplotlib: imported when drawing
 
     n, cols = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 2.0 * n + 0.4), squeeze=False)

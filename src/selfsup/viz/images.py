@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import UserError
+from ..data.builtin import open_source
 from ..data.sources import decode, list_images
-from ..errors import UserError
 
 # scikit-image sample photos with one clear subject, in the order they are picked
 SKIMAGE_PICKS = ("chelsea", "astronaut", "coffee", "rocket", "motorcycle_left", "horse", "camera", "hubble_deep_field")
@@ -37,8 +38,6 @@ def from_files(paths: list[str]) -> list[tuple[str, torch.Tensor]]:
 def from_source(spec: str, n: int) -> list[tuple[str, torch.Tensor]]:
     """`n` images of a source: one per class in turn from the test split of labelled data; for scikit-image's
     photos, the ones with a clear subject first."""
-    from ..data.builtin import open_source
-
     src = open_source(spec)
     if src.labelled:
         src = open_source(spec, "test")

@@ -87,7 +87,7 @@ def pca_maps(backbone: nn.Module, images: list[tuple[str, torch.Tensor]], size: 
 def pca_figure(maps: list[PatchPCA], path: Path) -> dict:
     """A PNG: per image (one column), the image, the first component with the foreground outlined, the RGB of
     the next 3 components on the foreground."""
-    from .plots import plt
+    from .plots import plt  # matplotlib: imported when drawing
 
     fig, axes = plt.subplots(3, len(maps), figsize=(2.2 * len(maps), 6.8), squeeze=False)
     for j, m in enumerate(maps):

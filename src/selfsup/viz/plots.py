@@ -1,7 +1,6 @@
 """Curves of a run (metrics.jsonl), drawn with matplotlib's file-only backend."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -12,17 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 # (title, metric keys drawn together): what `selfsup report` shows when the run logged it
 PANELS = (("loss", ("loss",)), ("learning rate", ("lr",)), ("teacher entropy (nats)", ("teacher_entropy",)),
           ("KL(teacher || student) (nats)", ("kl",)), ("k-NN top-1 during training (%)", ("knn_top1",)))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The lines of metrics.jsonl (a torn last line of a running job is skipped)."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

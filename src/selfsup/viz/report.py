@@ -6,7 +6,9 @@ import html
 import json
 from pathlib import Path
 
-from .plots import PANELS, curve, read_metrics
+from ..bench import run_summary, run_table
+from ..core.io import read_metrics
+from .plots import PANELS, curve
 
 
 def esc(x) -> str:
@@ -32,8 +34,7 @@ def figure(png: Path, caption: str, half: bool = False) -> str:
 
 def metrics(run: Path) -> list[dict]:
     """The rows of the run's metrics.jsonl: losses, k-NN during training, warnings of the trainer."""
-    path = run / "metrics.jsonl"
-    return [r for r in read_metrics(path) if isinstance(r, dict)] if path.exists() else []
+    return read_metrics(run / "metrics.jsonl")
 
 
 def curves(rows: list[dict], folder: Path) -> list[tuple[Path, str]]:
@@ -102,8 +103,6 @@ def warnings_box(rows: list[dict]) -> str:
 
 def bench_section(run: Path) -> str:
     """`selfsup bench --checkpoint RUN`'s timing (bench.json): FlashAttention on vs off, training and inference."""
-    from ..bench import run_summary, run_table
-
     path = run / "bench.json"
     if not path.exists():
         return "<p>Not timed yet: run <code>selfsup bench --checkpoint RUN</code>.</p>"

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Callable
 
+from tqdm import tqdm
+
 log = logging.getLogger("selfsup")
 
 
@@ -43,8 +45,6 @@ class ProgressLine:
         self.start = self.last = clock()
         self.bar = None
         if sys.stderr.isatty() and log.isEnabledFor(logging.INFO):
-            from tqdm import tqdm
-
             # leave=None: the bar stays unless it is nested (the k-NN inside a training bar)
             self.bar = tqdm(total=total, desc=desc, unit=unit, leave=None, dynamic_ncols=True)
 

@@ -1,9 +1,11 @@
-"""What the process may use of this machine: cores, free memory, the accelerator. Imports nothing of selfsup."""
+"""What the process may use of this machine: cores, free memory, the accelerator, and the peak memory of a
+stretch of work."""
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ def _cgroup_memory_left() -> int | None:
 def _address_space_left() -> int | None:
     """Bytes left under RLIMIT_AS (`ulimit -v`), where one is set."""
     with contextlib.suppress(ImportError, OSError, ValueError):
-        import resource
+        import resource  # Unix only
 
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:
@@ -75,10 +77,34 @@ def process_memory(device: torch.device) -> int:
 
 def process_start() -> float:
     """When this process started, on the `time.monotonic` clock (Linux: from /proc; elsewhere: now)."""
-    import time
-
     with contextlib.suppress(OSError, ValueError, IndexError):
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22: starttime
         uptime = float(Path("/proc/uptime").read_text().split()[0])
         return time.monotonic() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
     return time.monotonic()
+
+
+class PeakMemory:
+    """Peak memory of what runs between `reset` and `read` (MiB): CUDA max allocated, or the process's peak RSS
+    (Linux: its high-water mark is reset through /proc/self/clear_refs; elsewhere the peak since start)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        with contextlib.suppress(OSError):
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        import resource  # Unix only: reached where /proc is missing
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
