@@ -65,7 +65,9 @@ def test_odd_files_decode_broken_ones_are_counted_once(folder, caplog):
     for name in ODD:
         src = train if any(f.name == name for f in train.files) else test
         img, label = src[[f.name for f in src.files].index(name)]
-        assert img.dtype == torch.uint8 and img.shape[0] == 3 and label == 0
+        # 16-bit keeps its range: float value / 65535 (channels.py); 8-bit images of any mode are uint8 RGB
+        assert img.dtype == (torch.float32 if name == "sixteen.png" else torch.uint8) and img.shape[0] == 3
+        assert label == 0
         assert src.replaced == 0  # decoded, not replaced by the next file
         if name == "one.png":
             assert img.shape == (3, 1, 1) and img.flatten().tolist() == [200, 10, 10]
@@ -81,10 +83,10 @@ def test_a_file_that_fails_only_when_decoded_is_replaced_and_counted(tmp_path, c
         Image.new("RGB", (16, 16), (value,) * 3).save(tmp_path / f"x{i}.png")
     decode = sources.decode
 
-    def fails_on_x0(path):  # a file whose header reads but whose pixels do not (the header check passes it)
+    def fails_on_x0(path, channels=3):  # a file whose header reads but whose pixels do not (the header check passes)
         if path.name == "x0.png":
             raise OSError("broken data stream")
-        return decode(path)
+        return decode(path, channels)
 
     monkeypatch.setattr(sources, "decode", fails_on_x0)
     caplog.set_level(logging.INFO, logger="selfsup")

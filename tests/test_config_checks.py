@@ -9,7 +9,7 @@ import typing
 import pytest
 
 from selfsup.cli import main
-from selfsup.config import (RECIPES, RULES, Config, Duration, Leaf, OneOf, Pattern, Range, apply, leaves,
+from selfsup.config import (RECIPES, RULES, Config, Duration, EachOf, Leaf, OneOf, Pattern, Range, apply, leaves,
                             load_recipe, parse_duration, parse_override, validate)
 from selfsup.errors import UserError
 
@@ -51,6 +51,8 @@ def out_of_range(leaf: Leaf) -> str | None:
             return ""
         if isinstance(rule, Duration):
             return "soon"
+        if isinstance(rule, EachOf):
+            return "[nope]"
     return None
 
 
@@ -68,7 +70,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a bad config reached the trainer")
 
-    monkeypatch.setattr("selfsup.commands.train.Trainer", refuse)
+    monkeypatch.setattr("selfsup.api.run.Trainer", refuse)
 
 
 def error_line(stderr: str) -> str:

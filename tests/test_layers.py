@@ -18,8 +18,11 @@ LAYERS = (
     ("data and nn", ("selfsup.data", "selfsup.nn")),
     ("methods", ("selfsup.methods",)),
     ("train", ("selfsup.train",)),
-    ("weights", ("selfsup.weights", "selfsup.official")),  # loaders and exporters of weights
+    # loaders and exporters of weights
+    ("weights", ("selfsup.weights", "selfsup.official", "selfsup.hf", "selfsup.timm_format", "selfsup.onnx_export",
+                 "selfsup.convert")),
     ("eval and viz", ("selfsup.eval", "selfsup.viz", "selfsup.bench", "selfsup.curate")),
+    ("api", ("selfsup.api",)),  # what the commands do, as functions
     ("cli", ("selfsup.cli", "selfsup.commands", "selfsup.__main__", "selfsup")),
 )
 # package modules a function may import: they bring in matplotlib or scipy, kept out of every command's start-up

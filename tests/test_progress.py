@@ -114,10 +114,10 @@ def test_default_workers():
 def test_a_decode_failure_in_a_worker_is_counted_in_the_main_process(folder, monkeypatch, caplog):
     decode = sources.decode
 
-    def fails_on_07(path):  # header fine, pixels not (the workers are forked: they inherit the patch)
+    def fails_on_07(path, channels=3):  # header fine, pixels not (the workers are forked: they inherit the patch)
         if path.name == "07.png":
             raise OSError("broken data stream")
-        return decode(path)
+        return decode(path, channels)
 
     monkeypatch.setattr(sources, "decode", fails_on_07)
     want = pixels(open_source(str(folder)), workers=0)
@@ -126,7 +126,7 @@ def test_a_decode_failure_in_a_worker_is_counted_in_the_main_process(folder, mon
     assert torch.equal(want[0], got[0])  # row 7 repeats the next good image in both
     assert source.replaced == 1 and source.skipped.count == 1 and source.skipped.first == ["07.png (OSError)"]
 
-    monkeypatch.setattr(sources, "decode", lambda path: (_ for _ in ()).throw(OSError("broken")))
+    monkeypatch.setattr(sources, "decode", lambda path, channels=3: (_ for _ in ()).throw(OSError("broken")))
     with pytest.raises(UserError, match=r"^\S+: no image could be decoded$"):
         pixels(open_source(str(folder)), workers=2)
 

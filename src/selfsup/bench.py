@@ -106,7 +106,7 @@ def backbone_workload(cfg: Config, mode: str, device: torch.device, backbone: nn
     `backbone` (a trained one) replaces a fresh one built from `cfg.backbone`."""
     model = (backbone if backbone is not None else backbone_from_config(cfg.backbone)).to(device)
     size, b = cfg.crops.global_size, cfg.optim.batch_size
-    x = torch.randn(b, 3, size, size, device=device)
+    x = torch.randn(b, cfg.backbone.in_chans, size, size, device=device)
     if mode == "infer":
         model.eval()
         forward = torch.compile(model) if cfg.train.compile else model

@@ -9,7 +9,7 @@ import sys
 
 from .core.errors import UserError
 
-COMMANDS = ["train", "eval", "bench", "embed", "shards", "curate", "viz", "report"]
+COMMANDS = ["train", "eval", "bench", "embed", "export", "shards", "curate", "viz", "report"]
 
 
 def setup_logging() -> None:

@@ -27,6 +27,7 @@ RECIPE_DIRS: list[Path] = [RECIPES]  # the shipped recipes, then those of method
 METHOD_NAMES = ["simclr", "moco", "byol", "dino", "ibot", "dinov2", "distill"]  # selfsup.methods.register_method
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")  # selfsup.nn.vit.VIT_SIZES
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # selfsup.nn.resnet.RESNETS
+LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")  # selfsup.train.loggers.KINDS
 
 
 class Rule:
@@ -38,6 +39,18 @@ class Rule:
 
 
 ANY = Rule()
+
+
+@dataclass(frozen=True)
+class EachOf(Rule):
+    """A list of distinct items, each one of `choices`."""
+
+    choices: tuple
+
+    def expected(self, value: Any, cfg: Config) -> str | None:
+        if all(v in self.choices for v in value) and len(set(value)) == len(value):
+            return None
+        return "a list of distinct names among: " + ", ".join(map(str, self.choices))
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,29 @@ TWO_VIEWS = Needs(lambda v, c: c.crops.n_global + v >= 2,
                   lambda c: f"at least {2 - c.crops.n_global} with crops.n_global = {c.crops.n_global}, for 2 views")
 
 
+@dataclass(frozen=True)
+class AutoOr(Rule):
+    """'auto', or a list of numbers each passing `each` (crops.mean, crops.std)."""
+
+    each: Range
+
+    def expected(self, value: Any, cfg: Config) -> str | None:
+        if value == "auto" or (isinstance(value, tuple) and value and self.each.expected(value, cfg) is None):
+            return None
+        return f"auto or a list of numbers {self.each.bounds()}"
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def one_per_channel(default: tuple) -> Needs:
+    """Channel statistics: auto, `default` (ImageNet's RGB ones, auto for another channel count) or one number per
+    backbone.in_chans."""
+    return Needs(lambda v, c: v == "auto" or v == default or len(v) == c.backbone.in_chans,
+                 lambda c: f"auto or {c.backbone.in_chans} numbers, one per channel (backbone.in_chans)")
+
+
 def checked(default: Any, rule: Rule, *more: Rule) -> Any:
     """A config field with its default and the rules its value must pass (ANY when every value of its type does)."""
     return field(default=default, metadata={"rules": (rule, *more)})
@@ -178,8 +214,10 @@ class CropsConfig:
     blur_sigma: tuple[float, float] = checked((0.1, 2.0), Range(0, open_lo=True, ordered=True))
     # probability on global 1, global 2, locals
     solarize: tuple[float, float, float] = checked((0.0, 0.2, 0.0), UNIT)
-    mean: tuple[float, float, float] = checked((0.485, 0.456, 0.406), UNIT)  # ImageNet statistics
-    std: tuple[float, float, float] = checked((0.229, 0.224, 0.225), POSITIVE)
+    # normalisation, one number per input channel, or auto: computed from a sample of the training data and saved
+    # in the run's config.yaml. ImageNet's RGB statistics by default, which with backbone.in_chans != 3 mean auto
+    mean: tuple[float, ...] | str = checked(IMAGENET_MEAN, AutoOr(UNIT), one_per_channel(IMAGENET_MEAN))
+    std: tuple[float, ...] | str = checked(IMAGENET_STD, AutoOr(POSITIVE), one_per_channel(IMAGENET_STD))
 
 
 @dataclass
@@ -210,6 +248,9 @@ class BackboneConfig:
     interpolate_offset: float = checked(0.1, NON_NEGATIVE)
     # ResNet: 3x3 stride-1 first conv and no max-pool, for small images (SimCLR B.9)
     cifar_stem: bool = checked(False, ANY)
+    # input channels: 3 (RGB), 1 (grayscale), 4+ (multispectral: multi-channel TIFF, .npy); a 3-channel checkpoint
+    # loaded into another count has its patch embedding / first conv adapted (nn/adapt.py)
+    in_chans: int = checked(3, AT_LEAST_1)
 
 
 @dataclass
@@ -384,6 +425,25 @@ class HighresConfig:
     batch_size: int | None = checked(None, AT_LEAST_1)  # None: optim.batch_size
 
 
+@dataclass
+class InitConfig:
+    """Starting from pretrained weights (`--init-from`). A backbone without its heads (released weights, an
+    export, another method's run) is continued in two phases (dinov2 issues #204, #431: fresh heads on a
+    pretrained backbone collapse its k-NN): for `head_warmup_steps` the backbone is frozen, in the student and in
+    the teacher alike, while the new heads (and DINO's centre) learn; then it trains with layer-wise lr decay, its
+    lr ramping up from 0 over `warmup_steps`."""
+
+    checkpoint: str | None = checked(None, NON_EMPTY)  # what --init-from loaded (saved: a resumed run keeps its phases)
+    # auto: the whole method (heads, teachers) where the checkpoint is a run of the same method and shapes, else
+    # the backbone with fresh heads; the resolved choice is saved
+    mode: str = checked("auto", OneOf(("auto", "method", "backbone")))
+    head_warmup_steps: int | None = checked(None, NON_NEGATIVE)  # None: 10 % of the run; 0: no frozen phase
+    warmup_steps: int | None = checked(None, NON_NEGATIVE)  # the backbone's lr ramp after it; None: 5 % of the run
+    # the backbone's block i trains at lr x decay^(depth - i) (DINOv2's 0.9); where optim.layerwise_decay is
+    # set (DINOv2 recipes), that one holds
+    layerwise_decay: float = checked(0.9, FRACTION)
+
+
 def highres_crops(cfg: Config) -> CropsConfig | None:
     """The crops of the high-resolution stage: highres.global_size, and highres.local_size or the local crops
     scaled alike (DINOv2's 224 -> 518 takes 96 -> ~224), to a multiple of the patch."""
@@ -417,6 +477,8 @@ class TrainConfig:
     collapse_patience: int = checked(100, AT_LEAST_1)  # steps a collapse monitor must hold before the watchdog warns
     memory_fraction: float = checked(0.7, FRACTION)  # the share of the free memory a run may use for the batch
     memory_limit_gib: float | None = checked(None, POSITIVE)  # a cap on the process's memory, e.g. on a shared machine
+    # scalars and k-NN results also to these (rank 0 only): [tensorboard, wandb, mlflow, csv] (train/loggers.py)
+    loggers: tuple[str, ...] = checked((), EachOf(LOGGERS))
 
 
 @dataclass
@@ -449,6 +511,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     highres: HighresConfig = field(default_factory=HighresConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -534,6 +597,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         raise UserError(f"{where}: bad value for '{key}': {value!r} (expected {_describe(tp)})")
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # a list of any length
+            if not isinstance(value, (list, tuple)):
+                raise UserError(f"{where}: bad value for '{key}': {value!r} (expected a list)")
+            return tuple(_coerce(v, args[0], key, where) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise UserError(f"{where}: bad value for '{key}': {value!r} (expected a list of {len(args)} numbers)")
         return tuple(_coerce(v, a, key, where) for v, a in zip(value, args))

@@ -3,8 +3,8 @@
 Accepted: the released backbones (facebookresearch/dinov2 vit{s,b,l,g}14[_reg], facebookresearch/dino
 ViT-S/16, ViT-S/8, ViT-B/16, ViT-B/8, ResNet-50) and the training checkpoints they come from (DINO's
 `teacher`/`student` with `module.` and `backbone.` prefixes, DINOv2's `teacher` dumps and `model` checkpoints,
-chunked blocks `blocks.{chunk}.{i}.`). The architecture is read off the tensor shapes; weights.py loads them
-strictly into it.
+chunked blocks `blocks.{chunk}.{i}.`), and timm's state dicts of them (`timm_format.py`). The architecture is read
+off the tensor shapes; weights.py loads them strictly into it.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import re
 
 import torch
 
+from . import timm_format
 from .config import BackboneConfig
 from .core.errors import UserError
 from .nn import RESNETS, VIT_SIZES
@@ -49,7 +50,7 @@ def backbone_state(obj) -> dict[str, torch.Tensor] | None:
         state = {re.sub(rf"(^|\.){old}$", rf"\g<1>{new}", k): v for k, v in state.items()}
     if "mask_token" in state and state["mask_token"].ndim == 1:  # iBOT stores it as [D]
         state["mask_token"] = state["mask_token"][None]
-    return state
+    return timm_format.to_dinov2(state)
 
 
 def vit_config(state: dict[str, torch.Tensor], where: str) -> BackboneConfig:

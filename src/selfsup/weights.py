@@ -12,17 +12,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import official
+from . import hf, official
 from .config import BackboneConfig, Config, CropsConfig, apply, eval_size, to_dict
 from .core.errors import UserError
 from .core.io import atomic_write
-from .methods import method_class
+from .methods import build_method, method_class
 from .methods.base import Method
 from .nn import backbone_from_config
-from .train.checkpoint import latest, load_checkpoint
+from .nn.adapt import adapt_input_channels
+from .train.checkpoint import latest, load_checkpoint, read_run
 
-EXPECTED = ("a selfsup run folder, a selfsup checkpoint (.pt), a selfsup safetensors export, or an official "
-            "DINO/DINOv2 backbone or training checkpoint (.pth)")
+EXPECTED = ("a selfsup run folder, a selfsup checkpoint (.pt), a selfsup safetensors export, a Hugging Face DINOv2 "
+            "folder (config.json + model.safetensors), or an official DINO/DINOv2 backbone or training checkpoint or a "
+            "timm DINOv2 state dict (.pth, .safetensors)")
 
 
 def _export(backbone: nn.Module, meta: dict, path: Path) -> None:
@@ -123,13 +125,18 @@ def run_backbone_file(run: Path) -> Path | None:
 
 def load(path: str | Path) -> Loaded:
     """A backbone in eval mode from a run folder (its export, else its latest checkpoint), a selfsup checkpoint,
-    a safetensors export, or an official DINO/DINOv2 file. A .pt/.pth file is a pickle: load only files you
-    trust."""
+    a safetensors export, a Hugging Face transformers DINOv2 folder (hf.py), or an official DINO/DINOv2 file or
+    timm's state dict of one. A .pt/.pth file is a pickle: load only files you trust."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or directory (expected {EXPECTED})")
+    if hf.is_folder(path):
+        cfg, state, size, mean, std = hf.read(path)
+        return Loaded(with_weights(cfg, state, str(path)), cfg, size, mean, std, str(path))
     if path.is_dir():
         found = run_backbone_file(path)
+        if found is None and (path / "model.safetensors").exists():
+            raise UserError(f"{path}: model.safetensors without config.json (a Hugging Face folder needs both)")
         if found is None:
             raise UserError(f"{path}: a folder without backbone.safetensors or checkpoint-*.pt (expected {EXPECTED})")
         path = found
@@ -148,29 +155,42 @@ def load(path: str | Path) -> Loaded:
     return loaded
 
 
+def _fits(cfg: Config, theirs: dict[str, torch.Tensor]) -> bool:
+    """Whether a method built from `cfg` has exactly the tensors of `theirs` (built on the meta device)."""
+    run_cfg, networks = method_class(cfg.method).inputs(cfg, read_run)
+    with torch.device("meta"):
+        ours = build_method(run_cfg, **networks).state_dict()
+    return ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+
+
 def resolve_init(cfg: Config, path: str) -> Callable[[Method], str]:
-    """`selfsup train --init-from PATH`. Takes the pretrained backbone's architecture into `cfg.backbone` (the
-    drop path stays the recipe's) and returns the function that loads the weights into a method built from
-    `cfg`: the whole method (heads, teachers, centres) when PATH is a selfsup checkpoint or run folder of the
-    same method with the same shapes; otherwise the backbone, into the student and its momentum teachers, with
-    fresh heads. PATH is anything `load` accepts (official DINO / DINOv2 weights included)."""
+    """`selfsup train --init-from PATH` (init.checkpoint). Takes the pretrained backbone's architecture into
+    `cfg.backbone` (the drop path stays the recipe's), resolves init.mode and returns the function that loads
+    the weights into a method built from `cfg`: "method", the whole method (heads, teachers, centres), where PATH
+    is a selfsup checkpoint or run folder of the same method with the same shapes; "backbone", the backbone into
+    the student and its momentum teachers with fresh heads, which the trainer then warms up on the frozen
+    backbone (InitConfig). PATH is anything `load` accepts (official DINO / DINOv2 weights included)."""
     loaded = load(path)
     b = cfg.backbone
-    cfg.backbone = dataclasses.replace(loaded.config, drop_path=b.drop_path, drop_path_uniform=b.drop_path_uniform)
+    cfg.backbone = dataclasses.replace(loaded.config, drop_path=b.drop_path, drop_path_uniform=b.drop_path_uniform,
+                                       in_chans=b.in_chans)  # the run's channels: the first conv is adapted
     p = Path(path)
     checkpoint = latest(p) if p.is_dir() else (p if p.suffix == ".pt" else None)
     state = load_checkpoint(checkpoint) if checkpoint is not None else None
+    whole = state is not None and state.get("method") == cfg.method and _fits(cfg, state["method_state"])
+    if cfg.init.mode == "method" and not whole:
+        raise UserError(f"init.mode=method: {path} holds no {cfg.method} run with this run's shapes (init.mode=auto "
+                        "or backbone loads its backbone with fresh heads)")
+    mode = cfg.init.mode = "method" if whole and cfg.init.mode != "backbone" else "backbone"
+    cfg.init.checkpoint = str(path)
 
     def init(method: Method) -> str:
-        if state is not None and state.get("method") == cfg.method:
-            ours = method.state_dict()
-            theirs = state["method_state"]
-            if ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours):
-                method.load_state_dict(theirs)
-                return "the whole method (backbone, heads, teachers); a fresh optimiser and schedule"
-        weights = loaded.backbone.state_dict()
+        if mode == "method":
+            method.load_state_dict(state["method_state"])
+            return "the whole method (backbone, heads, teachers); a fresh optimiser and schedule"
+        weights = adapt_input_channels(loaded.backbone.state_dict(), b.in_chans)
         for backbone in method.backbones():
             backbone.load_state_dict(weights)
-        return "the backbone, into the student and its teachers; fresh heads"
+        return "the backbone, into the student and its teachers; fresh heads, warmed up on the frozen backbone"
 
     return init

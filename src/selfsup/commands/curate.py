@@ -19,6 +19,7 @@ from ..cli import print_json
 from ..core.device import resolve_device
 from ..core.errors import UserError
 from ..data.builtin import open_source
+from ..data.channels import to_uint8
 from ..eval.cache import FeatureCache, cache_folder
 from ..eval.copydetect import Whitening, gem
 from ..eval.features import extract
@@ -318,7 +319,7 @@ def write_shards(parts: list, out: Path, shard_size: int, seed: int) -> dict:
                 sample = {"__key__": f"{key:08d}", ext: files[i].read_bytes()}
             else:
                 buf = io.BytesIO()
-                Image.fromarray(source[i][0].permute(1, 2, 0).numpy()).save(buf, format="PNG")
+                Image.fromarray(to_uint8(source[i][0]).permute(1, 2, 0).numpy()).save(buf, format="PNG")
                 sample = {"__key__": f"{key:08d}", "png": buf.getvalue()}
             if classes and source.classes == classes:
                 sample["cls"] = int(source.labels()[i])
@@ -331,7 +332,7 @@ def write_shards(parts: list, out: Path, shard_size: int, seed: int) -> dict:
 
 
 def _thumb(source, i: int) -> np.ndarray:
-    return source[i][0].permute(1, 2, 0).numpy()
+    return to_uint8(source[i][0]).permute(1, 2, 0).numpy()
 
 
 def draw_groups(source, groups: np.ndarray, names: list[str], path: Path, rows: int = 8,

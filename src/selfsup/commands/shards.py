@@ -1,17 +1,11 @@
-"""`selfsup shards FOLDER --out DIR`: pack a folder of images into webdataset tar shards for streaming."""
+"""`selfsup shards FOLDER --out DIR`: pack a folder of images into webdataset tar shards for streaming (the
+library's `selfsup.data.shards.write_shards`)."""
 from __future__ import annotations
 
 import argparse
-import logging
-from pathlib import Path
-
-import numpy as np
 
 from ..cli import print_json
-from ..core.errors import UserError
-from ..data.sources import open_folder
-
-log = logging.getLogger("selfsup")
+from ..data.shards import write_shards
 
 
 def register(sub) -> None:
@@ -31,33 +25,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import webdataset as wds
-    except ImportError:
-        raise UserError("selfsup shards needs the package webdataset (pip install webdataset)") from None
-    if args.shard_size < 1:
-        raise UserError(f"--shard-size {args.shard_size}: expected at least 1")
-    out = Path(args.out)
-    if out.is_dir() and any(out.glob("*.tar")):
-        raise UserError(f"--out {out}: already holds .tar files (choose an empty folder)")
-    out.mkdir(parents=True, exist_ok=True)
-    source = open_folder(Path(args.folder).expanduser())
-    labels = source.labels().tolist()
-    order = np.random.default_rng(args.seed).permutation(len(source.files))
-    with wds.ShardWriter(str(out / "%06d.tar"), maxcount=args.shard_size, verbose=0) as sink:
-        for key, i in enumerate(order.tolist()):
-            f = source.files[i]
-            ext = f.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            sample = {"__key__": f"{key:08d}", ext: f.read_bytes()}
-            if source.classes:
-                sample["cls"] = labels[i]
-            sink.write(sample)
-        n_shards = sink.shard
-    if source.classes:
-        (out / "classes.txt").write_text("\n".join(source.classes) + "\n")
-    spec = f"{out}/{{{0:06d}..{n_shards - 1:06d}}}.tar" if n_shards > 1 else f"{out}/000000.tar"
-    what = f", {len(source.classes)} classes" if source.classes else ""
-    print(f"{len(order)} images{what} -> {n_shards} shard(s) in {out}\ntrain with: --data '{spec}'")
+    r = write_shards(args.folder, args.out, args.shard_size, args.seed)
+    what = f", {len(r['classes'])} classes" if r["classes"] else ""
+    print(f"{r['images']} images{what} -> {r['shards']} shard(s) in {args.out}\ntrain with: --data '{r['spec']}'")
     if args.json:
-        print_json({"images": len(order), "shards": n_shards, "spec": spec, "classes": source.classes})
+        print_json(r)
     return 0

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..api.evaluate import Target
 from ..cli import print_json
 from ..core.errors import UserError
 from ..eval.cache import run_folder
 from ..viz.attention import attention_figure, attention_maps
 from ..viz.images import viz_images
 from ..viz.pca import pca_figure, pca_maps
-from .shared import loaded_backbone
 
 
 def register(sub) -> None:
@@ -49,7 +49,7 @@ def setup(args: argparse.Namespace):
     if args.n < 1 or (args.size is not None and args.size < 1):
         raise UserError("--n and --size must be at least 1")
     images = viz_images(args.images, args.data, args.n)
-    loaded, device = loaded_backbone(args)
+    loaded, device = Target(args.checkpoint, args.data, args.device, args.random_init).loaded()
     run = run_folder(args.checkpoint)
     out = Path(args.out) if args.out else (run / "viz" if run else Path("selfsup-viz"))
     return loaded, images, args.size or loaded.image_size, out, device

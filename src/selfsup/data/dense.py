@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from ..core.errors import UserError
+from .channels import to_uint8
 from .sources import IMAGE_SUFFIXES, decode
 
 log = logging.getLogger("selfsup")
@@ -140,7 +141,7 @@ def _split(split: str, allowed: tuple[str, ...] = ("train", "test")) -> None:
 
 def _image(path: Path) -> torch.Tensor:
     try:
-        return decode(path)
+        return to_uint8(decode(path))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 

@@ -21,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ..core.distributed import min_over_ranks
 from ..core.errors import UserError
-from .sources import EncodedSource, Skipped, decode
+from .sources import EncodedSource, Skipped, decode, open_folder
 from .views import MultiCrop
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -128,7 +128,7 @@ class ShardSource(EncodedSource):
     def read(self, k: int) -> torch.Tensor:
         f = self._file(int(self.shard[k]))
         f.seek(int(self.offset[k]))
-        return decode(io.BytesIO(f.read(int(self.size[k]))))
+        return decode(io.BytesIO(f.read(int(self.size[k]))), self.channels)
 
     def where(self, k: int) -> str:
         return f"{self.paths[int(self.shard[k])].name}:{self.keys[k]}"
@@ -204,3 +204,35 @@ class ShardBatches(IterableDataset):
     def indices(self, k: int) -> list[int]:
         """The samples of batch k of the current epoch (for tests and checks)."""
         return self.stream()[k * self.local_batch : (k + 1) * self.local_batch].tolist()
+
+
+def write_shards(folder: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0) -> dict:
+    """Pack every usable image of `folder` (labels from its class subfolders, if any) into webdataset tar shards
+    out/000000.tar, ... in a seeded random order, the files' bytes unchanged; `classes.txt` beside them. Returns
+    the counts and the spec to train on (`selfsup train --data SPEC`)."""
+    try:
+        import webdataset as wds
+    except ImportError:
+        raise UserError("writing shards needs the package webdataset (pip install webdataset)") from None
+    if shard_size < 1:
+        raise UserError(f"--shard-size {shard_size}: expected at least 1")
+    out = Path(out)
+    if out.is_dir() and any(out.glob("*.tar")):
+        raise UserError(f"--out {out}: already holds .tar files (choose an empty folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    source = open_folder(Path(folder).expanduser())
+    labels = source.labels().tolist()
+    order = np.random.default_rng(seed).permutation(len(source.files))
+    with wds.ShardWriter(str(out / "%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for key, i in enumerate(order.tolist()):
+            f = source.files[i]
+            ext = f.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            sample = {"__key__": f"{key:08d}", ext: f.read_bytes()}
+            if source.classes:
+                sample["cls"] = labels[i]
+            sink.write(sample)
+        n_shards = sink.shard
+    if source.classes:
+        (out / "classes.txt").write_text("\n".join(source.classes) + "\n")
+    spec = f"{out}/{{{0:06d}..{n_shards - 1:06d}}}.tar" if n_shards > 1 else f"{out}/000000.tar"
+    return {"images": len(order), "shards": n_shards, "spec": spec, "classes": source.classes}

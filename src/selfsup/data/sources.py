@@ -1,7 +1,10 @@
 """Where images come from: built-in labelled sets in memory, or a folder of image files.
 
-A source yields `(uint8 tensor [3, H, W], label)`; the label is -1 where none is known. Grayscale images become
-3 channels. Unreadable files are skipped and counted, never fatal unless nothing usable is left.
+A source yields `(tensor [C, H, W], label)`; the label is -1 where none is known. C is the source's `channels`,
+the backbone's backbone.in_chans: 3 (RGB) unless whoever reads the source sets it. 8-bit images are uint8 (with 3
+channels any mode becomes RGB and grayscale 3 channels, as always); 16-bit and float images, multi-page TIFFs and
+`.npy` arrays keep their channels and range as float32 (`channels.py`). Unreadable files are skipped and counted,
+never fatal unless nothing usable is left.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import torch
 from PIL import Image, ImageFile
 
 from ..core.errors import UserError
+from .channels import TIFF_SUFFIXES, WIDE_MODES, fit_channels, read_array, read_pil, tiff_size, to_tensor
 
 log = logging.getLogger("selfsup")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".npy"}
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # a truncated JPEG still gives the part that was written
 
 
@@ -27,6 +31,7 @@ class Source(torch.utils.data.Dataset):
 
     name: str
     classes: list[str] | None = None
+    channels: int = 3  # of each image: backbone.in_chans, set by the trainer and the evaluation
 
     def labels(self) -> torch.Tensor:
         raise NotImplementedError
@@ -55,27 +60,45 @@ class TensorSource(Source):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.images[i]
-        if img.shape[0] == 1:
-            img = img.expand(3, -1, -1)
+        img = fit_channels(self.images[i], self.channels, self.name)
         return img, int(self._labels[i]) if self._labels is not None else -1
 
     def subset(self, index: torch.Tensor, name: str) -> "TensorSource":
         labels = self._labels[index] if self._labels is not None else None
-        return TensorSource(name, self.images[index], labels, self.classes)
+        sub = TensorSource(name, self.images[index], labels, self.classes)
+        sub.channels = self.channels
+        return sub
 
 
-def decode(path: Path | BinaryIO) -> torch.Tensor:
-    """Decode an image file (or its bytes) to uint8 [3, H, W]: any mode (palette, CMYK, 16-bit, alpha)
-    becomes RGB."""
+def decode(path: Path | BinaryIO, channels: int = 3) -> torch.Tensor:
+    """Decode an image file (or its bytes) to [channels, H, W]. With 3 channels an 8-bit image becomes uint8 RGB
+    whatever its mode (palette, CMYK, alpha on white), as always; any other image (16-bit or float, multi-page TIFF,
+    `.npy`, or any file for another channel count) keeps its own channels and range (`channels.py`)."""
+    if channels == 3 and not (isinstance(path, Path) and path.suffix.lower() == ".npy"):
+        img = _decode_pil(path)
+        if img is not None:
+            return img
+    return fit_channels(to_tensor(read_array(path, channels), str(path)), channels, str(path))
+
+
+def _decode_pil(path: Path | BinaryIO) -> torch.Tensor | None:
+    """3 channels through Pillow: an 8-bit image as uint8 RGB, a 16-bit one (PNG) as float with its range kept;
+    None for a TIFF that is tifffile's (multi-page, more than 8 bits a sample, or one Pillow cannot open)."""
+    tiff = isinstance(path, Path) and path.suffix.lower() in TIFF_SUFFIXES
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with Image.open(path) as im:
+        try:
+            im = Image.open(path)
+        except Exception:  # noqa: BLE001 - re-raised unless tifffile may read it
+            if tiff:
+                return None
+            raise
+        with im:
+            if tiff and (max(np.atleast_1d(im.tag_v2.get(258, 8))) > 8 or getattr(im, "n_frames", 1) > 1):
+                return None
             im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                a = (a * (255.0 / max(a.max(), 1.0))).astype(np.uint8)
-                im = Image.fromarray(a, mode="L")
+            if im.mode in WIDE_MODES:  # no rescaling: value / 65535
+                return fit_channels(to_tensor(read_pil(im), str(path)), 3, str(path))
             if im.mode in ("P", "PA", "LA", "RGBA"):
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
@@ -153,6 +176,8 @@ class EncodedSource(Source):
             k = (i + j) % n
             try:
                 img = self.read(k)
+            except UserError:  # not a broken file: images the run cannot take (channels, layout, tifffile)
+                raise
             except Exception as e:  # noqa: BLE001 - any decoder failure means this file is unusable
                 self.skipped.add(Path(self.where(k)), type(e).__name__)
                 self.replaced += 1
@@ -183,7 +208,7 @@ class FolderSource(EncodedSource):
         return len(self.files)
 
     def read(self, k: int) -> torch.Tensor:
-        return decode(self.files[k])
+        return decode(self.files[k], self.channels)
 
     def where(self, k: int) -> str:
         return str(self.files[k])
@@ -193,15 +218,32 @@ def _suffixes() -> str:
     return "/".join(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES))
 
 
+def image_size(f: Path) -> tuple[int, int]:
+    """(height, width) from a file's header: Pillow's, tifffile's for a TIFF Pillow cannot open, or a `.npy`
+    array's (a 3-D one without the shorter of its first and last axes, the channels)."""
+    if f.suffix.lower() == ".npy":
+        shape = np.load(f, mmap_mode="r", allow_pickle=False).shape
+        if len(shape) not in (2, 3):
+            raise ValueError(f"an array of {len(shape)} dimensions")
+        return shape if len(shape) == 2 else shape[1:] if shape[0] <= shape[-1] else shape[:-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with Image.open(f) as im:
+                return im.size[::-1]
+        except Exception:  # noqa: BLE001 - a TIFF Pillow cannot open may be tifffile's
+            if f.suffix.lower() not in TIFF_SUFFIXES:
+                raise
+    return tiff_size(f)
+
+
 def _check_header(f: Path) -> str | None:
     try:
         if f.stat().st_size == 0:
             return "empty file"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(f) as im:
-                w, h = im.size
-        return None if w > 0 and h > 0 else "no pixels"
+        return None if min(image_size(f)) > 0 else "no pixels"
+    except UserError:  # tifffile missing
+        raise
     except Exception as e:  # noqa: BLE001
         return type(e).__name__
 

@@ -7,6 +7,10 @@ Split in two halves so the costly part runs batched on the training device:
   resumed run sees exactly the crops an uninterrupted one would.
 - `Photometric` (device side, batched): colour jitter in random order, grayscale, Gaussian blur, solarize,
   normalisation.
+
+Any number of channels: crops are uint8 from 8-bit images, float32 in [0, 1] from 16-bit or float ones (a batch
+with both is float). Cropping, flips, brightness, contrast (towards each channel's mean when not RGB), blur and
+solarize apply to every channel; saturation, hue and grayscale are RGB's and skip crops of other channel counts.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import CropsConfig
+from .channels import as_float
 
 LUMA = (0.2989, 0.5870, 0.1140)  # BYOL Table 6 grayscale weights (ITU-R 601-2)
 
@@ -48,7 +53,7 @@ JITTER_OPS = (Param.BRIGHTNESS, Param.CONTRAST, Param.SATURATION, Param.HUE)  # 
 class Crops:
     """One group of same-size crops, crop-major: crop c of sample b is row c * B + b."""
 
-    images: torch.Tensor  # uint8 [n * B, 3, S, S] before `Photometric`, float after
+    images: torch.Tensor  # uint8 (or float in [0, 1]) [n * B, C, S, S] before `Photometric`, normalised float after
     params: torch.Tensor  # float [n * B, N_PARAMS], columns named by `Param`
 
     def to(self, device: torch.device) -> "Crops":
@@ -105,14 +110,17 @@ def crop_box(rng: np.random.Generator, h: int, w: int, scale: tuple[float, float
 
 
 def resized_crop(img: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
-    """Crop uint8 [3, H, W] to `box`, resize to size x size, optionally flip. Bicubic, antialiased as PIL's: DINO,
-    DINOv2 RandomResizedCrop(..., interpolation=BICUBIC) (main_dino.py, data/augmentations.py)."""
+    """Crop [C, H, W] to `box`, resize to size x size, optionally flip; uint8 stays uint8, float stays float in
+    [0, 1]. Bicubic, antialiased as PIL's: DINO, DINOv2 RandomResizedCrop(..., interpolation=BICUBIC) (main_dino.py,
+    data/augmentations.py)."""
     i, j, h, w = box
     x = img[:, i : i + h, j : j + w].unsqueeze(0).float()
     if (h, w) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     if flip:
         x = x.flip(-1)
+    if img.dtype != torch.uint8:
+        return x[0].clamp(0, 1)  # not in place: without a resize or flip, x is a view of `img`
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -169,11 +177,11 @@ class MultiCrop:
             if self.masking is not None and not hasattr(self.masking, "batch"):  # iBOT: a rule per image
                 masks.append(self.masking(rng))
         # crop-major order: all samples' crop 0, then all samples' crop 1, ...
-        g_img = torch.stack([gs[b][k] for k in range(c.n_global) for b in range(len(samples))])
+        g_img = _stack([gs[b][k] for k in range(c.n_global) for b in range(len(samples))])
         g_par = torch.from_numpy(np.stack([gp[b][k] for k in range(c.n_global) for b in range(len(samples))]))
         local = None
         if c.n_local:
-            l_img = torch.stack([ls[b][k] for k in range(c.n_local) for b in range(len(samples))])
+            l_img = _stack([ls[b][k] for k in range(c.n_local) for b in range(len(samples))])
             l_par = torch.from_numpy(np.stack([lp[b][k] for k in range(c.n_local) for b in range(len(samples))]))
             local = Crops(l_img, l_par)
         m = None
@@ -187,12 +195,20 @@ class MultiCrop:
         return Views(Crops(g_img, g_par), local, labels, index, m)
 
 
-def synthetic_views(multicrop: MultiCrop, n: int, seed: int = 0) -> Views:
+def _stack(crops: list[torch.Tensor]) -> torch.Tensor:
+    """Crops as one tensor: uint8 when all are, else float in [0, 1]."""
+    if all(c.dtype == torch.uint8 for c in crops):
+        return torch.stack(crops)
+    return torch.stack([as_float(c) for c in crops])
+
+
+def synthetic_views(multicrop: MultiCrop, n: int, seed: int = 0, channels: int = 3) -> Views:
     """Multi-crop views of `n` random images 1.15x the global crop size, through the real `multicrop` (trial
     steps and benchmarks: no data read)."""
     g = torch.Generator().manual_seed(seed)
     side = int(multicrop.cfg.global_size * 1.15)
-    samples = [(torch.randint(0, 256, (3, side, side), generator=g, dtype=torch.uint8), 0, i) for i in range(n)]
+    samples = [(torch.randint(0, 256, (channels, side, side), generator=g, dtype=torch.uint8), 0, i)
+               for i in range(n)]
     return multicrop(samples, 0)
 
 
@@ -244,21 +260,24 @@ class Photometric:
     """Applies the photometric augmentations whose parameters `MultiCrop` drew, batched on the device."""
 
     def __init__(self, cfg: CropsConfig):
-        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, -1, 1, 1)
 
     def jitter(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         order = ORDERS.to(x.device)[p[:, Param.ORDER].long()]
+        rgb = x.shape[1] == 3
         for stage in range(4):
             for op, col in enumerate(JITTER_OPS):
+                if not rgb and col in (Param.SATURATION, Param.HUE):
+                    continue
                 sel = torch.nonzero((order[:, stage] == op) & (p[:, Param.JITTER] > 0)).flatten()
                 if sel.numel() == 0:
                     continue
                 y, f = x[sel], p[sel, col]
                 if col == Param.BRIGHTNESS:
                     y = y * f.view(-1, 1, 1, 1)
-                elif col == Param.CONTRAST:  # blend with the mean gray level
-                    m = _gray(y).mean((1, 2, 3), keepdim=True)
+                elif col == Param.CONTRAST:  # blend with the mean gray level (not RGB: each channel's mean)
+                    m = _gray(y).mean((1, 2, 3), keepdim=True) if rgb else y.mean((2, 3), keepdim=True)
                     y = m + (y - m) * f.view(-1, 1, 1, 1)
                 elif col == Param.SATURATION:  # blend with the grayscale image
                     gr = _gray(y)
@@ -269,11 +288,11 @@ class Photometric:
         return x
 
     def __call__(self, crops: Crops) -> torch.Tensor:
-        x = crops.images.float().div_(255.0)
+        x = as_float(crops.images)
         p = crops.params.float()
         x = self.jitter(x, p)
         gray = p[:, Param.GRAYSCALE] > 0
-        if gray.any():
+        if gray.any() and x.shape[1] == 3:
             x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
         sel = torch.nonzero(p[:, Param.BLUR] > 0).flatten()
         if sel.numel():
@@ -288,7 +307,7 @@ def eval_transform(img: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """Evaluation view: resize the shorter side to size / 0.875 (DINO), centre crop `size`, normalise; bicubic
     (DINO eval_linear.py, DINOv2 data/transforms.py: Resize(256, BICUBIC), CenterCrop(224)).
     Images no larger than `size` (the built-in digits) are simply resized to `size`."""
-    x = img.float().unsqueeze(0) / 255.0
+    x = as_float(img).unsqueeze(0)
     h, w = x.shape[-2:]
     if max(h, w) <= size or h == w == size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
@@ -298,6 +317,6 @@ def eval_transform(img: torch.Tensor, size: int, mean, std) -> torch.Tensor:
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
         top, left = (nh - size) // 2, (nw - size) // 2
         x = x[..., top : top + size, left : left + size]
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
     return ((x.clamp(0, 1) - m) / s)[0]

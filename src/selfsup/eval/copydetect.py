@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from ..core.errors import UserError
 from ..data.builtin import open_source
+from ..data.channels import to_uint8
 from ..data.sources import Source
 from ..nn.vit import require_vit
 from .features import extract
@@ -232,7 +233,7 @@ class Copies(Source):
         return len(self.picks)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return distort(self.source[self.picks[i]][0], np.random.default_rng([self.seed, i])), self.picks[i]
+        return distort(to_uint8(self.source[self.picks[i]][0]), np.random.default_rng([self.seed, i])), self.picks[i]
 
 
 def copy_detection(loaded, spec: str, size: int, n_queries: int, seed: int, device, cache) -> dict:

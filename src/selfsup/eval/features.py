@@ -16,6 +16,7 @@ from ..core.errors import UserError
 from ..core.io import atomic_write
 from ..core.machine import usable_cores
 from ..core.progress import ProgressLine
+from ..data.channels import fit_channels
 from ..data.sources import EncodedSource, Skipped, Source, TensorSource
 from ..data.views import eval_transform
 from ..nn.vit import VisionTransformer
@@ -70,15 +71,16 @@ class EvalBatches(Dataset):
 
 def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch: int = 256,
                 workers: int | None = None, start: int = 0):
-    """Yields (normalised images [b, 3, size, size], labels [b]) over the source from image `start`, in order;
-    files are decoded by `workers` loader processes (default: `loader_workers`). Tar shards, streamed for
-    training, are read here by index like a folder (each worker opens its own file handles)."""
+    """Yields (normalised images [b, C, size, size], labels [b]) over the source from image `start`, in order;
+    C is the number of channels of `mean` and `std`. Files are decoded by `workers` loader processes (default:
+    `loader_workers`). Tar shards, streamed for training, are read here by index like a folder (each worker opens
+    its own file handles)."""
+    source.channels = len(mean)
     if isinstance(source, TensorSource):  # same-size images: transform a whole batch at once
-        m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+        m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
         labels = source.labels()
         for i in range(start, len(source), batch):
-            x = source.images[i : i + batch].float() / 255.0
-            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            x = fit_channels(source.images[i : i + batch].float() / 255.0, len(mean), source.name)
             if x.shape[-1] != size or x.shape[-2] != size:
                 x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
             yield (x - m) / s, labels[i : i + batch]
@@ -188,6 +190,7 @@ def available(feats: Features) -> list[str]:
     return [k for k in KINDS if (not k.startswith("last") or n >= N_LAST) and (pooled or "avgpool" not in k)]
 
 
-def pixel_features(source: Source, size: int, desc: str = "raw pixels") -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_features(source: Source, size: int, desc: str = "raw pixels", mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw pixels as features (the k-NN baseline): the normalised image, flattened."""
-    return extract(lambda x: x.flatten(1), source, size, desc=desc)
+    return extract(lambda x: x.flatten(1), source, size, mean=mean, std=std, desc=desc)

@@ -53,8 +53,8 @@ def final_table(backbone: nn.Module, cfg: Config, device: torch.device) -> dict 
     return {
         "trained": trained,
         "random_init": knn_of_backbone(random_init, cfg, device, what="k-NN features (random init)"),
-        "raw_pixels": knn_of(lambda s, desc: pixel_features(s, eval_size(cfg), desc), train, test, cfg.eval.k,
-                             cfg.eval.temperature, f"k-NN raw pixels {spec}"),
+        "raw_pixels": knn_of(lambda s, desc: pixel_features(s, eval_size(cfg), desc, cfg.crops.mean, cfg.crops.std),
+                             train, test, cfg.eval.k, cfg.eval.temperature, f"k-NN raw pixels {spec}"),
     }
 
 

@@ -18,8 +18,8 @@ from .schedule import Progress, Schedule
 class Batch:
     """Augmented views on the training device, crop-major (crop c of sample b is row c * B + b)."""
 
-    global_crops: torch.Tensor  # [n_global * B, 3, G, G]
-    local_crops: torch.Tensor | None  # [n_local * B, 3, L, L]
+    global_crops: torch.Tensor  # [n_global * B, C, G, G] (C: backbone.in_chans)
+    local_crops: torch.Tensor | None  # [n_local * B, C, L, L]
     masks: torch.Tensor | None  # bool [n_global * B, h, w] (iBOT)
     labels: torch.Tensor
     n_global: int

@@ -46,6 +46,9 @@ class Distill(DINOv2):
         if tcfg.backbone.patch_size != cfg.backbone.patch_size:
             raise UserError(f"distill: the student's patch size ({cfg.backbone.patch_size}) must equal the "
                             f"teacher's ({tcfg.backbone.patch_size}) for the patch-level loss")
+        if tcfg.backbone.in_chans != cfg.backbone.in_chans:
+            raise UserError(f"distill: the student's backbone.in_chans ({cfg.backbone.in_chans}) must equal the "
+                            f"teacher's ({tcfg.backbone.in_chans}): both see the same crops")
         method = build_method(tcfg)
         method.load_state_dict(state["method_state"])
         teacher = method.teacher  # already frozen (momentum_teacher)

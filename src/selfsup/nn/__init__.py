@@ -13,7 +13,7 @@ def build_backbone(name: str, patch_size: int = 16, **options) -> nn.Module:
     """Any backbone by name: vit_tiny/small/base/large/giant2 (DINOv2's layer sizes) or resnet18/34/50/101.
     ViT options: depth, num_heads, img_size, drop_path_rate, drop_path_uniform, layerscale, ffn, n_registers,
     qkv_bias, interpolate_antialias, interpolate_offset, pos_embed (learned | sincos), freeze_patch_embed,
-    init (trunc_normal | xavier); ResNet options: cifar_stem. DINOv2's ViT-g/14 is
+    init (trunc_normal | xavier), in_chans; ResNet options: cifar_stem, in_chans. DINOv2's ViT-g/14 is
     `build_backbone("vit_giant2", patch_size=14, img_size=518, ffn="swiglu", layerscale=1e-5)`; MoCo v3's ViT-S/16
     `build_backbone("vit_small", num_heads=12, pos_embed="sincos", freeze_patch_embed=True, init="xavier")`."""
     if name in VIT_SIZES:
@@ -36,7 +36,7 @@ def build_backbone(name: str, patch_size: int = 16, **options) -> nn.Module:
 def backbone_from_config(b: BackboneConfig, drop_path: float | None = None) -> nn.Module:
     """The backbone a config describes; `drop_path` overrides the rate (0 for teachers and evaluation)."""
     if b.arch.startswith("resnet"):
-        return build_backbone(b.arch, cifar_stem=b.cifar_stem)
+        return build_backbone(b.arch, cifar_stem=b.cifar_stem, in_chans=b.in_chans)
     return build_backbone(
         b.arch,
         patch_size=b.patch_size,
@@ -54,6 +54,7 @@ def backbone_from_config(b: BackboneConfig, drop_path: float | None = None) -> n
         pos_embed=b.pos_embed,
         freeze_patch_embed=b.freeze_patch_embed,
         init=b.init,
+        in_chans=b.in_chans,
     )
 
 

@@ -71,9 +71,10 @@ RESNETS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, in
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], cifar_stem: bool = False):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], cifar_stem: bool = False,
+                 in_chans: int = 3):
         super().__init__()
-        self.conv1, self.bn1 = _conv_bn(3, 64, 3, 1) if cifar_stem else _conv_bn(3, 64, 7, 2)
+        self.conv1, self.bn1 = _conv_bn(in_chans, 64, 3, 1) if cifar_stem else _conv_bn(in_chans, 64, 7, 2)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, padding=1)
         c = 64
@@ -109,8 +110,8 @@ class ResNet(nn.Module):
         return self.feature_map(x).mean((2, 3))
 
 
-def resnet(name: str, cifar_stem: bool = False) -> ResNet:
+def resnet(name: str, cifar_stem: bool = False, in_chans: int = 3) -> ResNet:
     if name not in RESNETS:
         raise UserError(f"unknown backbone '{name}' (expected one of: {', '.join(RESNETS)})")
     block, layers = RESNETS[name]
-    return ResNet(block, layers, cifar_stem)
+    return ResNet(block, layers, cifar_stem, in_chans)

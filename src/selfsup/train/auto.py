@@ -9,13 +9,11 @@ the free memory by the trainer's trial steps (`train/plan.py`), and on a CPU the
 from __future__ import annotations
 
 import statistics
-import warnings
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
-from ..data.sources import Source
+from ..data.sources import Source, image_size
 
 PAPER_GLOBAL, PAPER_LOCAL = 224, 96  # DINO's multi-crop sizes
 CPU_GLOBAL_MAX = 64  # a CPU trains a few dozen tokens per crop in minutes, not 196
@@ -41,13 +39,10 @@ def profile(source: Source) -> DataProfile:
     sides = []
     for i in picks:
         if files is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    with Image.open(files[i]) as im:
-                        sides.append(min(im.size))
-                except Exception:  # noqa: BLE001 - an unreadable file is counted by the source itself
-                    continue
+            try:
+                sides.append(min(image_size(files[i])))
+            except Exception:  # noqa: BLE001 - an unreadable file is counted by the source itself
+                continue
         else:
             sides.append(min(source[i][0].shape[-2:]))
     return DataProfile(n, int(statistics.median(sides)) if sides else PAPER_GLOBAL, len(sides))

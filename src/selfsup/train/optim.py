@@ -1,6 +1,6 @@
 """Optimiser parameter groups: weight decay by each method's reference rule (unless `optim.decay_all`, as MoCo);
-layer-wise lr decay (DINOv2: multiplier decay^(L + 1 - layer_id), x0.2 more for the patch embedding); gradient
-clipping by each method's reference rule."""
+layer-wise lr decay (DINOv2: multiplier decay^(L + 1 - layer_id), x0.2 more for the patch embedding; a backbone
+continued with fresh heads takes init.layerwise_decay); gradient clipping by each method's reference rule."""
 from __future__ import annotations
 
 import torch
@@ -34,13 +34,22 @@ def layer_id(name: str, n_layers: int) -> int:
     return n_layers + 1
 
 
+def layerwise_decay(cfg: Config) -> float:
+    """optim.layerwise_decay; for a backbone continued with fresh heads, init.layerwise_decay unless the recipe
+    sets its own."""
+    o = cfg.optim
+    return cfg.init.layerwise_decay if o.layerwise_decay == 1.0 and cfg.init.mode == "backbone" else o.layerwise_decay
+
+
 def param_groups(modules: dict[str, nn.Module], cfg: Config, no_decay: str = "ndim") -> list[dict]:
-    """One group per (weight decay or not, lr multiplier). Each group carries `wd_mult` and `lr_mult`, which the
-    trainer multiplies with the scheduled values at every step. `no_decay`: the rule of `no_weight_decay`."""
+    """One group per (weight decay or not, lr multiplier, backbone or not). Each group carries `wd_mult` and
+    `lr_mult`, which the trainer multiplies with the scheduled values at every step, and `backbone`, whose lr a
+    continued run holds back (`set_schedule`). `no_decay`: the rule of `no_weight_decay`."""
     o = cfg.optim
     backbone = modules.get("backbone")
     n_layers = len(getattr(backbone, "blocks", [])) if backbone is not None else 0
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    decay = layerwise_decay(cfg)
+    groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
     for mod_name, module in modules.items():
         normed = {id(p) for m in module.modules() if isinstance(m, NORMS) for p in m.parameters()}
         for name, p in module.named_parameters():
@@ -48,14 +57,15 @@ def param_groups(modules: dict[str, nn.Module], cfg: Config, no_decay: str = "nd
                 continue
             full = f"{mod_name}.{name}"
             lr_mult = 1.0
-            if o.layerwise_decay != 1.0 and n_layers:
-                lr_mult = o.layerwise_decay ** (n_layers + 1 - layer_id(full, n_layers))
+            if decay != 1.0 and n_layers:
+                lr_mult = decay ** (n_layers + 1 - layer_id(full, n_layers))
             if "patch_embed" in full:
                 lr_mult *= o.patch_embed_lr_mult
             exempt = not o.decay_all and no_weight_decay(full, p, no_decay, id(p) in normed)
-            key = (0.0 if exempt else 1.0, lr_mult)
+            key = (0.0 if exempt else 1.0, lr_mult, mod_name == "backbone")
             groups.setdefault(key, []).append(p)
-    return [{"params": ps, "wd_mult": wd, "lr_mult": lr, "weight_decay": 0.0} for (wd, lr), ps in groups.items()]
+    return [{"params": ps, "wd_mult": wd, "lr_mult": lr, "backbone": b, "weight_decay": 0.0}
+            for (wd, lr, b), ps in groups.items()]
 
 
 def build_optimizer(modules: dict[str, nn.Module], cfg: Config, device: torch.device,
@@ -74,9 +84,10 @@ def build_optimizer(modules: dict[str, nn.Module], cfg: Config, device: torch.de
     return torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, fused=fused or None)
 
 
-def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, backbone: float = 1.0) -> None:
+    """The step's lr and weight decay into every group; `backbone` multiplies the backbone's lr (InitConfig)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr * g["lr_mult"]
+        g["lr"] = lr * g["lr_mult"] * (backbone if g.get("backbone") else 1.0)
         g["weight_decay"] = weight_decay * g["wd_mult"]
 
 

@@ -129,7 +129,9 @@ def human_bytes(n: float) -> str:
 def stage_seconds(trainer, multicrop, batch: int) -> tuple[float, float]:
     """(seconds per step, seconds to load one image) of training steps on `multicrop`'s crops: the step waits
     for the slower of the device and the loader workers."""
-    compute_s = time_steps(lambda: trainer.train_step(synthetic_views(multicrop, batch)), 2, trainer.device)
+    channels = trainer.cfg.backbone.in_chans
+    compute_s = time_steps(lambda: trainer.train_step(synthetic_views(multicrop, batch, channels=channels)), 2,
+                           trainer.device)
     load_s = load_time(trainer.source, multicrop)
     workers = trainer.cfg.data.num_workers
     return (max(compute_s, load_s * batch / workers) if workers else compute_s + load_s * batch), load_s
@@ -171,10 +173,11 @@ def eval_seconds(trainer, workers: int) -> float:
         return 0.0
     train, test = labelled_splits(spec)
     n = len(train) + len(test)
+    test.channels = cfg.backbone.in_chans
     read_s = decode_time(test)
     size, b = eval_size(cfg), 64
     backbone = trainer.method.backbone()
-    x = torch.randn(b, 3, size, size, device=device)
+    x = torch.randn(b, cfg.backbone.in_chans, size, size, device=device)
     was_training = backbone.training
     backbone.eval()
     with torch.inference_mode():
@@ -204,7 +207,8 @@ def fit_memory(trainer, choose_batch: bool) -> list[str]:
 def fit_stage(trainer, multicrop, target: int, key: str, flag: str, choose_batch: bool, start: int) -> str:
     cfg, device = trainer.cfg, trainer.device
     budget = memory_budget(device, cfg.train.memory_fraction, cfg.train.memory_limit_gib, cfg.data.num_workers)
-    fit = fit_batch(lambda b: trainer.train_step(synthetic_views(multicrop, b)), device, target, budget, start)
+    fit = fit_batch(lambda b: trainer.train_step(synthetic_views(multicrop, b, channels=cfg.backbone.in_chans)), device,
+                    target, budget, start)
     limit = f", train.memory_limit_gib {cfg.train.memory_limit_gib}" if cfg.train.memory_limit_gib else ""
     where = (f"{human_bytes(budget)} usable: train.memory_fraction {cfg.train.memory_fraction} of "
              f"{human_bytes(free_memory(device))} free{limit}")

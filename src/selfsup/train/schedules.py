@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import Config, OptimConfig
+from ..config import Config, InitConfig, OptimConfig
 from ..methods.schedule import Progress, Schedule
 
 
@@ -39,7 +39,8 @@ class Schedules:
     lr: np.ndarray
     weight_decay: np.ndarray
     method: dict[str, np.ndarray]  # Method.schedules(), built over the run
-    first_full_step: int  # the first step at which no `first` schedule holds a parameter back
+    backbone: np.ndarray  # the backbone's lr multiplier (`continued`)
+    first_full_step: int  # the first step at which nothing (a `first` schedule, a frozen backbone) is held back
     steps_per_epoch: int
     total_steps: int
     epoch_scale: float  # run epochs / optim.schedule_epochs
@@ -50,11 +51,14 @@ class Schedules:
         run_epochs = total_steps / steps_per_epoch
         scale = run_epochs / o.schedule_epochs if o.schedule_epochs else 1.0
         steps = lambda epochs: to_steps(epochs, scale, steps_per_epoch)  # noqa: E731
+        backbone = continued(cfg.init, total_steps)
         return cls(
             lr=Schedule(scaled_lr(cfg, o.batch_size), o.min_lr, o.warmup_epochs).values(total_steps, steps),
             weight_decay=Schedule(o.weight_decay, o.weight_decay_end).values(total_steps, steps),
             method={name: s.values(total_steps, steps) for name, s in method.items()},
-            first_full_step=max([steps(s.epochs) for s in method.values() if s.shape == "first"], default=0),
+            backbone=backbone,
+            first_full_step=max([steps(s.epochs) for s in method.values() if s.shape == "first"]
+                                + [int((backbone == 0).sum())]),
             steps_per_epoch=steps_per_epoch,
             total_steps=total_steps,
             epoch_scale=scale,
@@ -70,3 +74,18 @@ class Schedules:
 
 def to_steps(epochs: float, scale: float, steps_per_epoch: int) -> int:
     return int(round(epochs * scale * steps_per_epoch))
+
+
+def continued(init: InitConfig, total_steps: int) -> np.ndarray:
+    """The backbone's lr multiplier at each step: 1, or for a backbone continued with fresh heads (init.mode
+    backbone) 0 through the head warm-up, then a linear ramp from 0 to 1 over the backbone's warm-up (as DINO's
+    lr warm-up, utils.cosine_scheduler: np.linspace(0, 1, n))."""
+    mult = np.ones(total_steps)
+    if init.mode != "backbone":
+        return mult
+    frozen = min(total_steps, init.head_warmup_steps if init.head_warmup_steps is not None else round(0.1 * total_steps))
+    ramp = init.warmup_steps if init.warmup_steps is not None else round(0.05 * total_steps)
+    mult[:frozen] = 0.0
+    end = min(total_steps, frozen + ramp)
+    mult[frozen:end] = np.linspace(0.0, 1.0, ramp)[: end - frozen]
+    return mult

@@ -25,6 +25,7 @@ from ..core.machine import free_memory, process_memory
 from ..core.progress import format_duration
 from ..core.seeds import rng_state, set_rng_state, step_seed
 from ..data.builtin import open_source
+from ..data.channels import fit_to_source
 from ..data.loader import epoch_loader, make_batches
 from ..data.views import MultiCrop, Photometric
 from ..methods import build_method, method_class
@@ -33,6 +34,7 @@ from ..nn.attention import set_attention_backend
 from ..nn.sample_rng import sample_streams
 from .checkpoint import last_before, latest, load_latest, read_run, save_checkpoint
 from .distributed import full_state, load_full_state, sharded, sync_batchnorm, wrap
+from .loggers import Loggers, final_knn, open_loggers, require
 from .optim import build_optimizer, clip_gradients, set_schedule
 from .plan import human_bytes, is_out_of_memory, plan_run
 from .runlog import RunLog
@@ -79,6 +81,7 @@ class Trainer:
                  evaluate: Evaluate | None = None):
         """`evaluate`: the k-NN every eval.every steps (`eval.run.knn_of_backbone`), logged to metrics.jsonl;
         without it there is none."""
+        require(cfg.train.loggers)  # a logger that is not installed: an error before anything is built
         # the config that builds the method (a distillation's heads take its teacher's sizes) is the one saved
         cfg, networks = method_class(cfg.method).inputs(cfg, read_run)
         self.cfg, self.out, self.resume, self.evaluate = cfg, out, resume, evaluate
@@ -87,6 +90,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.source = training_source(cfg.data.source)
+        fit_to_source(cfg, self.source)  # backbone.in_chans channels; auto crops.mean / crops.std computed
         torch.manual_seed(cfg.train.seed)
         method = build_method(cfg, **networks)
         if not method.local_batchnorm:
@@ -105,6 +109,7 @@ class Trainer:
         self.eval_s = 0.0  # the final evaluation's expected seconds (from the trial steps)
         self.step_s = 0.0  # seconds per step: from the trial steps, then measured
         self.collapse_warnings: list[dict] = []
+        self.loggers = Loggers([])  # train.loggers, opened by `fit`
         self.step = 0
         self.bad_steps = 0  # non-finite losses in a row
         self.skipped_steps = 0  # in all
@@ -218,7 +223,8 @@ class Trainer:
         progress = self.schedules.progress(self.step)
         lr = float(self.schedules.lr[self.step])
         wd = float(self.schedules.weight_decay[self.step])
-        set_schedule(self.optimizer, lr, wd)
+        backbone = float(self.schedules.backbone[self.step])
+        set_schedule(self.optimizer, lr, wd, backbone)
         seed = step_seed(self.cfg.train.seed, self.step)
         torch.manual_seed(seed)
         batch = self.batch(views)
@@ -235,6 +241,9 @@ class Trainer:
                 b.copy_(old)
             return None
         self.method.before_optimizer_step(progress)
+        if backbone == 0.0:  # a continued backbone, frozen while its new heads learn: no update, no optimiser state
+            for p in self.method.student_modules()["backbone"].parameters():
+                p.grad = None
         if self.cfg.optim.clip_grad > 0:
             mode = self.cfg.optim.clip_mode
             clip_gradients(self.method.student_modules(), self.cfg.optim.clip_grad,
@@ -243,6 +252,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.method.after_step(progress)
         metrics.update(lr=lr, wd=wd, **progress.values())
+        if self.cfg.init.mode == "backbone":
+            metrics["backbone_lr"] = lr * backbone
         return metrics
 
     def reduce_metrics(self, out: dict) -> dict[str, float]:
@@ -284,6 +295,7 @@ class Trainer:
             self.run_log.open(self.out)
             trim_metrics(self.out / "metrics.jsonl", self.step)  # steps of a run killed after its checkpoint
             save(cfg, self.out / "config.yaml", self.method.sections)  # as planned: a resumed run continues this plan
+        self.loggers = open_loggers(cfg.train.loggers, self.out, cfg, self.step, self.rank)
         self.compile()
         passes = self.total_steps / self.steps_per_epoch
         epochs = f"{passes:.1f} epochs" if not cfg.optim.epoch_length else (
@@ -303,6 +315,7 @@ class Trainer:
         try:
             self._loop()
         except Exception as e:
+            self.loggers.close()
             if not is_out_of_memory(e):
                 raise
             raise UserError(f"out of memory at step {self.step + 1} with batch {self.batch_size(self.step)} "
@@ -312,6 +325,7 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+        self.loggers.flush()  # open still for `log_final`
         return self._finish()
 
     def log_step(self, m: dict[str, float], ips: float) -> None:
@@ -360,9 +374,7 @@ class Trainer:
                     else:
                         self.bad_steps = 0
                         m.update(step=self.step, epoch=self.step / self.steps_per_epoch, images_per_s=ips)
-                        if metrics_file:
-                            metrics_file.write(json.dumps(m) + "\n")
-                            metrics_file.flush()  # a killed run keeps every step it logged
+                        self.record(m, metrics_file)
                         bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}", img_s=f"{ips:.0f}")
                         if distributed.is_main() and self.step % cfg.train.log_every == 0:
                             self.log_step(m, images_per_step / self.step_s)
@@ -416,9 +428,20 @@ class Trainer:
         res = self.evaluate(method.backbone(), self.cfg, self.device)
         if res is not None:
             log.info("step %d: k-NN top-1 %.2f", self.step, res["top1"])
-            if metrics_file:
-                metrics_file.write(json.dumps({"step": self.step, "knn_top1": res["top1"], "knn_top5": res["top5"]}) + "\n")
-                metrics_file.flush()
+            self.record({"step": self.step, "knn_top1": res["top1"], "knn_top5": res["top5"]}, metrics_file)
+
+    def record(self, row: dict, metrics_file) -> None:
+        """A row of scalars (a step's, a k-NN result) to metrics.jsonl and train.loggers."""
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()  # a killed run keeps every step it logged
+        self.loggers.log(row)
+
+    def log_final(self, table: dict | None) -> None:
+        """The final k-NN table (`eval.run.final_table`) to train.loggers at the last step; then they close."""
+        if table is not None:
+            self.loggers.log({"step": self.step, **final_knn(table)})
+        self.loggers.close()
 
     def _finish(self) -> dict:
         self.method = self.whole_method()  # under FSDP: what callers evaluate and export after `fit`

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..core.errors import UserError
 from ..data.builtin import open_source
+from ..data.channels import to_uint8
 from ..data.sources import decode, list_images
 
 # scikit-image sample photos with one clear subject, in the order they are picked
@@ -29,7 +30,7 @@ def from_files(paths: list[str]) -> list[tuple[str, torch.Tensor]]:
             raise UserError(f"{p}: no such file or directory")
         for f in files:
             try:
-                out.append((f.stem, decode(f)))
+                out.append((f.stem, to_uint8(decode(f))))
             except Exception as e:  # noqa: BLE001 - any decoder failure means this file is unusable
                 raise UserError(f"{f}: not a readable image ({type(e).__name__})") from None
     return out
@@ -57,7 +58,7 @@ def from_source(spec: str, n: int) -> list[tuple[str, torch.Tensor]]:
         img, label = src[i]
         name = getattr(src, "files", None)
         picked.append((name[i].stem if name else f"{spec}-{i}" + (f"-{src.classes[label]}" if label >= 0 else ""),
-                       img))
+                       to_uint8(img)))
     return picked
 
 
