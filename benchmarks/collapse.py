@@ -31,7 +31,7 @@ from selfsup.config import Config, apply, load_recipe
 from selfsup.core.io import read_metrics
 from selfsup.eval.run import knn_of_backbone
 from selfsup.nn import backbone_from_config
-from selfsup.train.trainer import Trainer
+from selfsup.training.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
 # every variant is the default recipe (dino_mnist5k: 2-block ViT-tiny, BatchNorm head with K = 1024 prototypes,

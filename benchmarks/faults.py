@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from selfsup.core.io import read_metrics
-from selfsup.train.checkpoint import TEMPORARY, checkpoints, load_checkpoint
+from selfsup.training.checkpoint import TEMPORARY, checkpoints, load_checkpoint
 
 # DINO on digits, small enough for a shared CPU; a wide head (out_dim 16384) makes a checkpoint ~30 MB, so
 # that its write takes long enough to be caught

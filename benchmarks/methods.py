@@ -22,7 +22,7 @@ from selfsup.eval.knn import knn_accuracy
 from selfsup.data.builtin import labelled_splits
 from selfsup.eval.run import knn_of_backbone
 from selfsup.nn import backbone_from_config
-from selfsup.train.trainer import Trainer
+from selfsup.training.trainer import Trainer
 
 ORDER = ["simclr", "moco", "byol", "dino", "ibot", "dinov2", "distill"]
 RESULTS = Path(__file__).parent / "results"

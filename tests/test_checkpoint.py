@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from selfsup.errors import UserError
-from selfsup.train import checkpoint as ckpt
-from selfsup.train.trainer import Trainer
+from selfsup.training import checkpoint as ckpt
+from selfsup.training.trainer import Trainer
 from tiny import losses, tiny_config
 
 

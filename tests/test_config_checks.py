@@ -111,8 +111,8 @@ def test_choices_are_what_the_code_implements():
     from selfsup.methods import METHODS
     from selfsup.nn import RESNETS, VIT_SIZES
     from selfsup.nn.attention import BACKENDS
-    from selfsup.train.distributed import WRAPPERS
-    from selfsup.train.optim import OPTIMIZERS
+    from selfsup.training.distributed import WRAPPERS
+    from selfsup.training.optim import OPTIMIZERS
 
     assert tuple(choices("method")) == tuple(METHODS)
     assert choices("backbone.arch") == (*VIT_SIZES, *RESNETS)

@@ -14,9 +14,9 @@ from tiny import ARGS, losses, tiny_config
 from selfsup.cli import main
 from selfsup.config import InitConfig
 from selfsup.methods import build_method
-from selfsup.train.checkpoint import load_checkpoint
-from selfsup.train.optim import param_groups
-from selfsup.train.schedules import continued
+from selfsup.training.checkpoint import load_checkpoint
+from selfsup.training.optim import param_groups
+from selfsup.training.schedules import continued
 
 STEPS, FROZEN, RAMP = 7, 3, 2
 

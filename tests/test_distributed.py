@@ -23,8 +23,8 @@ from torch import nn
 from selfsup.cli import main
 from selfsup.config import Config, load_recipe
 from selfsup.core import distributed
-from selfsup.train.distributed import sync_batchnorm
-from selfsup.train.trainer import Interrupted, Trainer
+from selfsup.training.distributed import sync_batchnorm
+from selfsup.training.trainer import Interrupted, Trainer
 from tiny import ARGS, losses, tiny_config
 
 

@@ -1,7 +1,7 @@
 """iBOT and DINOv2, each against its own reference: block masking (bytedance/ibot loader.py; dinov2/data/collate.py
 and masking.py), the frozen last layer (dino utils.cancel_gradients_last_layer; dinov2 train.py's last-layer lr
 schedule) and the patch centre (ibot main_ibot.py iBOTLoss.update_center; dinov2 loss/ibot_patch_loss.py as
-train/ssl_meta_arch.py calls it). Each test holds selfsup to a plain restatement of the reference's rule."""
+training/ssl_meta_arch.py calls it). Each test holds selfsup to a plain restatement of the reference's rule."""
 import math
 
 import numpy as np
@@ -11,8 +11,8 @@ import torch
 from selfsup.data.masking import BlockMasking, DINOv2Masking
 from selfsup.methods import build_method
 from selfsup.methods.base import Batch
-from selfsup.train.schedules import Schedules
-from selfsup.train.trainer import Trainer
+from selfsup.training.schedules import Schedules
+from selfsup.training.trainer import Trainer
 from tiny import tiny_config
 
 LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))

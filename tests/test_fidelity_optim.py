@@ -1,6 +1,6 @@
 """Optimisation around the losses, each against its reference restated plainly: gradient clipping (dino and ibot
-utils.clip_gradients; dinov2 train/ssl_meta_arch.py, one clip_grad_norm_ per student module), weight decay
-exemptions (dino utils.get_params_groups; dinov2 utils/param_groups.py), DINOv2's fixed-length epoch (train/train.py
+utils.clip_gradients; dinov2 training/ssl_meta_arch.py, one clip_grad_norm_ per student module), weight decay
+exemptions (dino utils.get_params_groups; dinov2 utils/param_groups.py), DINOv2's fixed-length epoch (training/train.py
 OFFICIAL_EPOCH_LENGTH) and bicubic resizing (main_dino.py, dinov2 data/augmentations.py and transforms.py)."""
 import copy
 
@@ -12,8 +12,8 @@ from PIL import Image
 from selfsup.config import Config, apply, load_recipe
 from selfsup.data.views import resized_crop
 from selfsup.methods import build_method
-from selfsup.train.optim import build_optimizer, clip_gradients
-from selfsup.train.schedules import Schedules, run_length
+from selfsup.training.optim import build_optimizer, clip_gradients
+from selfsup.training.schedules import Schedules, run_length
 from tiny import tiny_config
 
 IBOT_HEADS = {"head_n_prototypes": 128, "head_hidden_dim": 32, "head_bottleneck_dim": 16, "separate_head": True}

@@ -17,11 +17,11 @@ from selfsup.config import Config, apply, load_recipe
 from selfsup.data.sources import open_folder
 from selfsup.errors import UserError
 from selfsup.core.machine import usable_cores
-from selfsup.train.auto import DataProfile, fitted, profile
-from selfsup.train.plan import MemoryFit, fit_batch, plan_run
-from selfsup.train.trainer import Collapsed, Trainer
+from selfsup.training.auto import DataProfile, fitted, profile
+from selfsup.training.plan import MemoryFit, fit_batch, plan_run
+from selfsup.training.trainer import Collapsed, Trainer
 from selfsup.methods.collapse import CollapseCheck, teacher_checks
-from selfsup.train.watchdog import Watchdog
+from selfsup.training.watchdog import Watchdog
 
 from tiny import tiny_config
 
@@ -195,7 +195,7 @@ def test_time_budget_sets_the_steps_and_too_short_a_budget_is_one_line(tmp_path,
 
 def test_running_out_of_memory_mid_run_is_one_line(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(steps=4), tmp_path / "run")
-    monkeypatch.setattr("selfsup.train.trainer.plan_run", lambda *a, **k: [])
+    monkeypatch.setattr("selfsup.training.trainer.plan_run", lambda *a, **k: [])
     real = trainer.train_step
 
     def step(views):

@@ -8,8 +8,8 @@ import torch
 
 from selfsup.cli import main
 from selfsup.config import highres_crops
-from selfsup.train.checkpoint import latest
-from selfsup.train.trainer import HIGHRES_EPOCH, Trainer
+from selfsup.training.checkpoint import latest
+from selfsup.training.trainer import HIGHRES_EPOCH, Trainer
 from tiny import ARGS, losses, tiny_config
 
 STAGE = ["highres.steps=3", "highres.global_size=24"]

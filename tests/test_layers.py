@@ -17,7 +17,7 @@ LAYERS = (
     ("config", ("selfsup.config",)),
     ("data and nn", ("selfsup.data", "selfsup.nn")),
     ("methods", ("selfsup.methods",)),
-    ("train", ("selfsup.train",)),
+    ("training", ("selfsup.training",)),
     # loaders and exporters of weights
     ("weights", ("selfsup.weights", "selfsup.official", "selfsup.hf", "selfsup.timm_format", "selfsup.onnx_export",
                  "selfsup.convert")),
@@ -142,8 +142,8 @@ def test_function_local_imports_of_selfsup_only_keep_heavy_dependencies_out_of_s
 
 
 def test_the_checks_report_a_wrong_edge():
-    assert upward({("selfsup.core.io", "selfsup.train.trainer", True)}) == [
-        "selfsup.core.io (core) imports selfsup.train.trainer (train) inside a function"]
+    assert upward({("selfsup.core.io", "selfsup.training.trainer", True)}) == [
+        "selfsup.core.io (core) imports selfsup.training.trainer (training) inside a function"]
     assert upward({("selfsup.core.io", "selfsup.errors", False)}) == [
         "selfsup.core.io (core) imports selfsup.errors at module level: the core imports nothing of selfsup"]
     assert upward({("selfsup.weights", "selfsup.methods", False), ("selfsup.eval.run", "selfsup.viz.attention", False)}) == []

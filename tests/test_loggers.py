@@ -13,8 +13,8 @@ import pytest
 
 from selfsup.cli import main
 from selfsup.config import RULES, Config
-from selfsup.train import loggers
-from selfsup.train.loggers import KINDS, open_loggers
+from selfsup.training import loggers
+from selfsup.training.loggers import KINDS, open_loggers
 from tiny import ARGS, losses
 
 

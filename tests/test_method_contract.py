@@ -20,9 +20,9 @@ from selfsup.methods.base import Batch
 from selfsup.methods.schedule import Progress
 from selfsup.nn import backbone_from_config, feature_dim
 from selfsup.nn.heads import ProjectionMLP
-from selfsup.train.checkpoint import load_checkpoint
-from selfsup.train.schedules import Schedules
-from selfsup.train.trainer import Trainer
+from selfsup.training.checkpoint import load_checkpoint
+from selfsup.training.schedules import Schedules
+from selfsup.training.trainer import Trainer
 from selfsup.weights import load
 from test_methods_train import config
 from tiny import ARGS

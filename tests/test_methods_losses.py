@@ -11,8 +11,8 @@ from selfsup.methods.byol import regression_loss
 from selfsup.methods.contrastive import info_nce, info_nce_queue, nt_xent
 from selfsup.methods.dinov2 import koleo_loss, sinkhorn_knopp
 from selfsup.methods.ibot import masked_patch_loss
-from selfsup.train.lars import LARS
-from selfsup.train.optim import build_optimizer, set_schedule
+from selfsup.training.lars import LARS
+from selfsup.training.optim import build_optimizer, set_schedule
 
 G = torch.Generator().manual_seed(0)
 

@@ -7,8 +7,8 @@ import torch
 
 from selfsup.errors import UserError
 from selfsup.methods import build_method
-from selfsup.train.checkpoint import load_checkpoint
-from selfsup.train.trainer import Trainer
+from selfsup.training.checkpoint import load_checkpoint
+from selfsup.training.trainer import Trainer
 from selfsup.weights import load, resolve_init, save_backbone
 from tiny import tiny_config
 

@@ -14,8 +14,8 @@ from selfsup.config import Config, load_recipe
 from selfsup.methods import build_method
 from selfsup.methods.base import Batch
 from selfsup.nn import build_backbone
-from selfsup.train.optim import build_optimizer, set_schedule
-from selfsup.train.schedules import Schedules
+from selfsup.training.optim import build_optimizer, set_schedule
+from selfsup.training.schedules import Schedules
 from tiny import losses, tiny_config
 
 D, DEPTH, HEADS, PATCH, GRID = 384, 12, 12, 16, 14  # vits.py vit_small at 224 px

@@ -125,7 +125,7 @@ def test_attention_backend_switch_chooses_the_kernel():
 def test_trainer_sets_the_backend_of_training_and_evaluation(tmp_path):
     from selfsup.config import Config
     from selfsup.nn.attention import Attention
-    from selfsup.train.trainer import Trainer
+    from selfsup.training.trainer import Trainer
 
     cfg = Config()
     cfg.data.source, cfg.train.device, cfg.train.attention = "digits", "cpu", "math"

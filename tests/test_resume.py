@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from selfsup.cli import main
-from selfsup.train.checkpoint import latest
+from selfsup.training.checkpoint import latest
 from tiny import ARGS, losses
 
 STEPS = 6

@@ -7,7 +7,7 @@ import pytest
 
 from selfsup.config import Config
 from selfsup.methods.schedule import Progress, Schedule, ramp
-from selfsup.train.schedules import Schedules
+from selfsup.training.schedules import Schedules
 from tiny import tiny_config
 
 

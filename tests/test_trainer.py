@@ -5,8 +5,8 @@ import shutil
 
 import torch
 
-from selfsup.train.checkpoint import checkpoints, load_checkpoint
-from selfsup.train.trainer import Trainer
+from selfsup.training.checkpoint import checkpoints, load_checkpoint
+from selfsup.training.trainer import Trainer
 from selfsup.weights import load, save_backbone
 
 from conftest import tiny_config

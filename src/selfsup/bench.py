@@ -32,8 +32,8 @@ from .data.views import MultiCrop, Photometric, synthetic_views
 from .nn import backbone_from_config
 from .nn.attention import set_attention_backend
 from .nn.vit import Block, VisionTransformer
-from .train.optim import build_optimizer
-from .train.trainer import Trainer
+from .training.optim import build_optimizer
+from .training.trainer import Trainer
 from .weights import load, run_backbone_file
 
 

@@ -27,7 +27,7 @@ RECIPE_DIRS: list[Path] = [RECIPES]  # the shipped recipes, then those of method
 METHOD_NAMES = ["simclr", "moco", "byol", "dino", "ibot", "dinov2", "distill"]  # selfsup.methods.register_method
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")  # selfsup.nn.vit.VIT_SIZES
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")  # selfsup.nn.resnet.RESNETS
-LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")  # selfsup.train.loggers.KINDS
+LOGGERS = ("tensorboard", "wandb", "mlflow", "csv")  # selfsup.training.loggers.KINDS
 
 
 class Rule:
@@ -477,7 +477,7 @@ class TrainConfig:
     collapse_patience: int = checked(100, AT_LEAST_1)  # steps a collapse monitor must hold before the watchdog warns
     memory_fraction: float = checked(0.7, FRACTION)  # the share of the free memory a run may use for the batch
     memory_limit_gib: float | None = checked(None, POSITIVE)  # a cap on the process's memory, e.g. on a shared machine
-    # scalars and k-NN results also to these (rank 0 only): [tensorboard, wandb, mlflow, csv] (train/loggers.py)
+    # scalars and k-NN results also to these (rank 0 only): [tensorboard, wandb, mlflow, csv] (training/loggers.py)
     loggers: tuple[str, ...] = checked((), EachOf(LOGGERS))
 
 

@@ -20,7 +20,7 @@ from .methods import build_method, method_class
 from .methods.base import Method
 from .nn import backbone_from_config
 from .nn.adapt import adapt_input_channels
-from .train.checkpoint import latest, load_checkpoint, read_run
+from .training.checkpoint import latest, load_checkpoint, read_run
 
 EXPECTED = ("a selfsup run folder, a selfsup checkpoint (.pt), a selfsup safetensors export, a Hugging Face DINOv2 "
             "folder (config.json + model.safetensors), or an official DINO/DINOv2 backbone or training checkpoint or a "

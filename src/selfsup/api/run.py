@@ -22,10 +22,10 @@ from ..core.progress import format_duration
 from ..data.builtin import BUILTIN
 from ..eval.run import attention_table, final_table, knn_of_backbone
 from ..methods import method_class
-from ..train.auto import CPU_TIME, fitted, profile
-from ..train.checkpoint import latest
-from ..train.runlog import RunLog
-from ..train.trainer import Collapsed, Interrupted, Trainer, training_source
+from ..training.auto import CPU_TIME, fitted, profile
+from ..training.checkpoint import latest
+from ..training.runlog import RunLog
+from ..training.trainer import Collapsed, Interrupted, Trainer, training_source
 from ..weights import Loaded, load, resolve_init, save_backbone
 
 log = logging.getLogger("selfsup")
@@ -234,7 +234,7 @@ def dotted(d: dict, prefix: str = "") -> list[str]:
 
 
 def fit_recipe(method: str, data: str, user: dict) -> Resolved:
-    """A recipe fitted to the images of `data` and to this machine (train/auto.py)."""
+    """A recipe fitted to the images of `data` and to this machine (training/auto.py)."""
     source = training_source(data)
     device = resolve_device(user.get("train", {}).get("device", "auto"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -2,7 +2,7 @@
 
 `torchrun --nproc-per-node N -m selfsup train ...` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT; `init` joins that group: NCCL on CUDA (one GPU per process), gloo on the CPU. The wrappers of a
-method (DDP, FSDP2, BatchNorm over the global batch) are train/distributed.py's.
+method (DDP, FSDP2, BatchNorm over the global batch) are training/distributed.py's.
 """
 from __future__ import annotations
 

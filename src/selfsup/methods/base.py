@@ -83,8 +83,8 @@ class Method(nn.Module):
     keeps_label: str = "backbone"  # what the reports call it
     sections: tuple[str, ...] = ()  # the config sections of its own it reads, saved with its runs
     local_batchnorm: bool = False  # True: BatchNorm stays per rank under torchrun (MoCo's shuffling BN)
-    clip_mode: str = "global"  # optim.clip_mode=auto: the reference's gradient clipping (train/optim.clip_gradients)
-    no_decay: str = "ndim"  # which parameters skip weight decay (train/optim.no_weight_decay)
+    clip_mode: str = "global"  # optim.clip_mode=auto: the reference's gradient clipping (training/optim.clip_gradients)
+    no_decay: str = "ndim"  # which parameters skip weight decay (training/optim.no_weight_decay)
 
     def __init__(self, cfg: Config):
         super().__init__()

@@ -1,4 +1,4 @@
-"""What a method declares to the collapse watchdog (train/watchdog.py): the bounds within which its metrics say
+"""What a method declares to the collapse watchdog (training/watchdog.py): the bounds within which its metrics say
 it has collapsed.
 
 DINO (Sec. 5.3, Fig. 7) names the two collapses of self-distillation: a uniform teacher (entropy h(P_t) -> log K)

@@ -1,6 +1,6 @@
 """What a method declares of its per-step values (teacher temperature, momentum, ...) and what it is handed back
 at each step. The trainer builds every declared `Schedule` over the run without knowing its name, with the
-run's epoch length and scaling (train/schedules.py), and passes a `Progress` to the method's forward and hooks."""
+run's epoch length and scaling (training/schedules.py), and passes a `Progress` to the method's forward and hooks."""
 from __future__ import annotations
 
 import math

@@ -4,7 +4,7 @@ Two readings decide it: the typical image size (median short side of a few hundr
 happens (device, cores). On a GPU the method's paper recipe (`<method>_imagenet`) is kept and only the crops
 shrink to what the images hold; on a CPU the method's CPU recipe (`<method>_mnist5k`, whose head, teacher and lr
 were measured for short runs) gets crops, patch and depth for a few dozen tokens. The batch is then fitted to
-the free memory by the trainer's trial steps (`train/plan.py`), and on a CPU the run's length to a time budget.
+the free memory by the trainer's trial steps (`training/plan.py`), and on a CPU the run's length to a time budget.
 """
 from __future__ import annotations
 
