@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 D, HEADS, PATCH, SIZE = 192, 3, 8, 32  # vit_tiny's width, a 4 x 4 grid
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+MEAN4, STD4 = (0.5, 0.4, 0.3, 0.2), (0.2, 0.25, 0.3, 0.35)  # a 4-channel model's
 
 
 def randomise(named, std_of) -> None:
@@ -49,7 +50,8 @@ def selfsup_vit(**options) -> Loaded:
     torch.manual_seed(0)
     backbone = backbone_from_config(cfg).eval()
     randomise(backbone.named_parameters(), token_std)
-    return Loaded(backbone, cfg, SIZE, MEAN, STD, "test")
+    four = cfg.in_chans == 4
+    return Loaded(backbone, cfg, SIZE, MEAN4 if four else MEAN, STD4 if four else STD, "test")
 
 
 def ours(loaded: Loaded, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,14 +68,13 @@ def close(a, b, tol=1e-5) -> None:
 # ---------------------------------------------------------------- Hugging Face
 
 
-def hf_model(registers: int = 0, swiglu: bool = False):
+def hf_model(registers: int = 0, swiglu: bool = False, channels: int = 3, classifier: bool = False):
+    """A random transformers DINOv2 (with registers), or its image classifier (5 labels)."""
     kw = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=HEADS, image_size=SIZE, patch_size=PATCH,
-              use_swiglu_ffn=swiglu, layerscale_value=1e-5)
-    if registers:
-        model = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
-            num_register_tokens=registers, **kw))
-    else:
-        model = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
+              use_swiglu_ffn=swiglu, layerscale_value=1e-5, num_channels=channels, num_labels=5)
+    kind = "Dinov2WithRegisters" if registers else "Dinov2"
+    config = getattr(transformers, f"{kind}Config")(**kw, **({"num_register_tokens": registers} if registers else {}))
+    model = getattr(transformers, f"{kind}{'ForImageClassification' if classifier else 'Model'}")(config)
     torch.manual_seed(1)
     randomise(model.named_parameters(), token_std)
     return model.eval()
@@ -126,6 +127,55 @@ def test_export_hf_gives_a_folder_automodel_loads_with_the_same_outputs(tmp_path
     assert (back.image_size, back.mean, back.std) == (SIZE, MEAN, STD)
     x = torch.randn(2, 3, SIZE, SIZE)
     close(ours(back, x), ours(loaded, x))
+
+
+def test_a_4_channel_vit_goes_to_transformers_and_back(tmp_path):
+    loaded = selfsup_vit(in_chans=4)
+    export(loaded, "hf", tmp_path / "hf")
+    model = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.num_channels == 4 and model.embeddings.patch_embeddings.projection.in_channels == 4
+    pre = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert (pre["image_mean"], pre["image_std"], pre["do_convert_rgb"]) == (list(MEAN4), list(STD4), False)
+    torch.manual_seed(6)
+    x = torch.randn(2, 4, SIZE, SIZE)
+    close(hf_outputs(model, x, 0), ours(loaded, x))
+    back = selfsup.load(tmp_path / "hf")
+    assert (back.config.in_chans, back.mean, back.std) == (4, MEAN4, STD4)
+    close(ours(back, x), ours(loaded, x))
+    pre["image_mean"] = list(MEAN)  # statistics of another channel count: named
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(UserError, match=re.escape("image_mean [0.5, 0.4, 0.3] and image_std [0.2, 0.25, 0.3, 0.35] "
+                                                  "for num_channels=4 (expected 4 numbers each)")):
+        selfsup.load(tmp_path / "hf")
+
+
+def test_a_4_channel_transformers_folder_loads_with_gray_imagenet_statistics(tmp_path):
+    model = hf_model(channels=4)
+    model.save_pretrained(tmp_path)
+    loaded = selfsup.load(tmp_path)
+    assert loaded.config.in_chans == 4 and loaded.backbone.patch_embed.proj.weight.shape[1] == 4
+    # no preprocessor_config.json: ImageNet's statistics averaged over R, G, B, on every channel
+    assert loaded.mean == pytest.approx((0.449,) * 4) and loaded.std == pytest.approx((0.226,) * 4)
+    torch.manual_seed(7)
+    for shape in [(2, 4, SIZE, SIZE), (1, 4, 48, 48)]:
+        x = torch.randn(shape)
+        close(ours(loaded, x), hf_outputs(model, x, 0))
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_an_image_classifier_folder_loads_as_its_backbone(tmp_path, registers):
+    model = hf_model(registers, classifier=True)
+    model.save_pretrained(tmp_path)
+    prefix = "dinov2_with_registers." if registers else "dinov2."
+    keys = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert {"classifier.weight", "classifier.bias", f"{prefix}embeddings.cls_token"} <= keys
+    loaded = selfsup.load(tmp_path)
+    assert (loaded.config.n_registers, type(model).__name__) == (
+        registers, f"Dinov2{'WithRegisters' if registers else ''}ForImageClassification")
+    assert not any("classifier" in k for k in loaded.backbone.state_dict())
+    torch.manual_seed(8)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    close(ours(loaded, x), hf_outputs(model.base_model, x, registers))
 
 
 def test_hf_round_trip_keeps_every_tensor(tmp_path):
@@ -231,6 +281,22 @@ def test_export_timm_has_timms_layout_and_outputs(tmp_path, options):
     close(timm_forward(sd, x, no_embed_class=registers > 0), ours(loaded, x), tol=1e-4)
 
 
+def test_a_4_channel_vit_exports_to_timm_with_in_chans_and_reads_back(tmp_path, caplog):
+    loaded = selfsup_vit(in_chans=4)
+    with caplog.at_level("INFO", logger="selfsup"):
+        export(loaded, "timm", tmp_path / "timm.safetensors")
+    assert "'in_chans': 4" in caplog.text  # the model arguments printed
+    with safe_open(str(tmp_path / "timm.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["timm"])["in_chans"] == 4
+    sd = load_file(str(tmp_path / "timm.safetensors"))
+    assert sd["patch_embed.proj.weight"].shape == (D, 4, PATCH, PATCH)
+    x = torch.randn(2, 4, SIZE, SIZE)
+    close(timm_forward(sd, x, no_embed_class=False), ours(loaded, x), tol=1e-4)
+    back = selfsup.load(tmp_path / "timm.safetensors")  # the channel count read off the patch embedding
+    assert back.config.in_chans == 4 and back.mean == pytest.approx((0.449,) * 4)
+    close(ours(back, x), ours(loaded, x))
+
+
 # ---------------------------------------------------------------- ONNX and safetensors
 
 
@@ -242,6 +308,19 @@ def test_onnx_matches_torch_with_dynamic_batch_and_size(tmp_path):
     session = ort.InferenceSession(str(tmp_path / "b.onnx"))
     torch.manual_seed(5)
     for shape in [(2, 3, SIZE, SIZE), (3, 3, SIZE, SIZE), (1, 3, 48, 48), (2, 3, 40, 56), (1, 3, 16, 16)]:
+        x = torch.randn(shape)
+        got = session.run(None, {"pixel_values": x.numpy()})
+        close([torch.from_numpy(g) for g in got], ours(loaded, x), tol=1e-4)
+
+
+def test_onnx_of_a_4_channel_vit_takes_4_channels(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    loaded = selfsup_vit(in_chans=4)
+    export(loaded, "onnx", tmp_path / "b.onnx")
+    session = ort.InferenceSession(str(tmp_path / "b.onnx"))
+    assert session.get_inputs()[0].shape[1] == 4
+    torch.manual_seed(9)
+    for shape in [(2, 4, SIZE, SIZE), (1, 4, 40, 56)]:
         x = torch.randn(shape)
         got = session.run(None, {"pixel_values": x.numpy()})
         close([torch.from_numpy(g) for g in got], ours(loaded, x), tol=1e-4)

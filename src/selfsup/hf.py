@@ -1,5 +1,7 @@
 """Hugging Face `transformers` DINOv2 folders: config.json + model.safetensors of `Dinov2Model` or
-`Dinov2WithRegistersModel`, read into selfsup's ViT and written from it.
+`Dinov2WithRegistersModel` (any `num_channels`), read into selfsup's ViT and written from it. A folder of
+`Dinov2ForImageClassification` / `Dinov2WithRegistersForImageClassification` reads as its backbone: the keys under
+the model type's prefix (`dinov2.`, `dinov2_with_registers.`), the `classifier.` head dropped.
 
 Reading needs no transformers. Writing uses its config classes, so that config.json is the one the installed
 version reads; the weights are written in the key layout `save_pretrained` itself writes (that of transformers 4,
@@ -22,6 +24,7 @@ from .core.errors import UserError
 from .core.io import atomic_write
 from .nn import VIT_SIZES
 from .nn.vit import VisionTransformer
+from .official import default_stats
 
 log = logging.getLogger("selfsup")
 
@@ -110,18 +113,19 @@ def read(folder: Path) -> tuple[BackboneConfig, dict[str, torch.Tensor], int, li
     dim, heads = c["hidden_size"], c["num_attention_heads"]
     arch = next((a for a, s in VIT_SIZES.items() if s.embed_dim == dim), None)
     unsupported = {"hidden_size": arch is None, "mlp_ratio": c["mlp_ratio"] != 4,
-                   "layer_norm_eps": c["layer_norm_eps"] != 1e-6, "num_channels": c["num_channels"] != 3,
+                   "layer_norm_eps": c["layer_norm_eps"] != 1e-6,
                    "hidden_act": c["hidden_act"] != "gelu" and not c["use_swiglu_ffn"]}
     bad = next((k for k, v in unsupported.items() if v), None)
     if bad:
         raise UserError(f"{where}: {bad}={c[bad]!r} has no selfsup equivalent (selfsup's ViT: widths "
                         f"{', '.join(str(s.embed_dim) for s in VIT_SIZES.values())}, mlp_ratio 4, layer_norm_eps 1e-6, "
-                        "gelu or SwiGLU, 3 channels)")
+                        "gelu or SwiGLU)")
     patch = _square(c["patch_size"], "patch_size", where)
     registers = c["num_register_tokens"] if kind != "dinov2" else 0
     cfg = BackboneConfig(
         arch=arch, patch_size=patch, depth=c["num_hidden_layers"],
-        img_size=_square(c["image_size"], "image_size", where), drop_path=0.0, layerscale=c["layerscale_value"],
+        img_size=_square(c["image_size"], "image_size", where), in_chans=c["num_channels"], drop_path=0.0,
+        layerscale=c["layerscale_value"],
         ffn="swiglu" if c["use_swiglu_ffn"] else "mlp",
         n_registers=registers, qkv_bias=c["qkv_bias"], num_heads=None if heads == VIT_SIZES[arch].num_heads else heads,
         interpolate_antialias=registers > 0, interpolate_offset=0.0)  # modeling_dinov2*.py interpolate_pos_encoding
@@ -133,13 +137,29 @@ def read(folder: Path) -> tuple[BackboneConfig, dict[str, torch.Tensor], int, li
     p = json.loads(pre.read_text()) if pre.exists() else {}
     crop = p.get("crop_size", cfg.img_size)
     size = crop["height"] if isinstance(crop, dict) else int(crop)
-    return (cfg, to_selfsup(load_file(str(weights))), size, p.get("image_mean", [0.485, 0.456, 0.406]),
-            p.get("image_std", [0.229, 0.224, 0.225]))
+    mean, std = (list(p.get(k, d)) for k, d in zip(("image_mean", "image_std"), default_stats(cfg.in_chans)))
+    if len(mean) != cfg.in_chans or len(std) != cfg.in_chans:
+        raise UserError(f"{pre}: image_mean {mean} and image_std {std} for num_channels={cfg.in_chans} (expected "
+                        f"{cfg.in_chans} numbers each)")
+    return cfg, backbone_state(load_file(str(weights)), kind), size, mean, std
+
+
+def backbone_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """The backbone's tensors under selfsup's names; those of an image classifier (`<model type>.` keys, as
+    `Dinov2ForImageClassification` saves them) without its `classifier.` head."""
+    prefix = f"{kind}."
+    if any(k.startswith(prefix) for k in state):
+        head = [k for k in state if k.startswith("classifier.")]
+        if head:
+            log.info(f"Hugging Face classifier: its backbone read, its head ({', '.join(sorted(head))}) dropped")
+        state = {k.removeprefix(prefix): v for k, v in state.items() if not k.startswith("classifier.")}
+    return to_selfsup(state)
 
 
 def write(backbone: VisionTransformer, cfg: BackboneConfig, image_size: int, mean, std, out: Path) -> None:
     """A folder `transformers.AutoModel.from_pretrained(out)` loads: config.json, model.safetensors and
-    preprocessor_config.json (resize to image_size / 0.875, centre crop, normalise: selfsup's evaluation view).
+    preprocessor_config.json (resize to image_size / 0.875, centre crop, normalise: selfsup's evaluation view; RGB
+    conversion for 3 channels only). num_channels is the backbone's in_chans.
     A ViT without layer scale gets lambda1 = 1, the identity; the outputs are the same."""
     if not isinstance(backbone, VisionTransformer):
         raise UserError(f"--format hf: backbone.arch={cfg.arch} is not a ViT (transformers' DINOv2 holds ViTs only)")
@@ -177,4 +197,4 @@ def write(backbone: VisionTransformer, cfg: BackboneConfig, image_size: int, mea
         "image_processor_type": "BitImageProcessor", "do_resize": True,
         "size": {"shortest_edge": int(round(image_size / 0.875))}, "resample": 3, "do_center_crop": True,
         "crop_size": crop, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(mean), "image_std": list(std), "do_convert_rgb": True}, indent=2))
+        "image_mean": list(mean), "image_std": list(std), "do_convert_rgb": len(mean) == 3}, indent=2))

@@ -14,7 +14,7 @@ import re
 import torch
 
 from . import timm_format
-from .config import BackboneConfig
+from .config import IMAGENET_MEAN, IMAGENET_STD, BackboneConfig
 from .core.errors import UserError
 from .nn import RESNETS, VIT_SIZES
 from .nn.resnet import Bottleneck
@@ -23,6 +23,14 @@ from .nn.vit import swiglu_hidden
 CONTAINERS = ("teacher", "model", "state_dict", "student")  # the teacher first: DINO and DINOv2 evaluate it
 IBOT_NAMES = {"masked_embed": "mask_token", "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}
 EVAL_SIZE = 224  # DINO and DINOv2 evaluate at 224 px, whatever size the position embedding was built for
+
+
+def default_stats(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation of weights that name none: ImageNet's for 3 channels, else the mean of its three values on
+    every channel (a gray level, as the adapted first convolution of `nn.adapt` sees it)."""
+    if in_chans == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (sum(IMAGENET_MEAN) / 3,) * in_chans, (sum(IMAGENET_STD) / 3,) * in_chans
 
 
 def _is_state(obj) -> bool:
@@ -75,6 +83,7 @@ def vit_config(state: dict[str, torch.Tensor], where: str) -> BackboneConfig:
         patch_size=patch,
         depth=1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))),
         img_size=side * patch,
+        in_chans=state["patch_embed.proj.weight"].shape[1],
         drop_path=0.0,
         layerscale=1e-5 if "blocks.0.ls1.gamma" in state else None,  # DINOv2's init, for random_init()
         ffn="swiglu" if swiglu else "mlp",
@@ -92,13 +101,14 @@ def resnet_config(state: dict[str, torch.Tensor], where: str) -> BackboneConfig:
     arch = next((n for n, (b, l) in RESNETS.items() if l == layers and (b is Bottleneck) == bottleneck), None)
     if arch is None:
         raise UserError(f"{where}: a ResNet with {layers} blocks per stage (expected one of {', '.join(RESNETS)})")
-    return BackboneConfig(arch=arch, cifar_stem=state["conv1.weight"].shape[-1] == 3, drop_path=0.0)
+    return BackboneConfig(arch=arch, cifar_stem=state["conv1.weight"].shape[-1] == 3,
+                         in_chans=state["conv1.weight"].shape[1], drop_path=0.0)
 
 
 def from_object(obj, where: str) -> tuple[BackboneConfig, dict[str, torch.Tensor], tuple[str, ...]] | None:
     """The backbone in a loaded file in an official format, or None when it is not one: its architecture, its
     tensors, and the names of those it may lack (they start at zero). It evaluates at EVAL_SIZE with ImageNet
-    statistics."""
+    statistics (`default_stats` for another channel count)."""
     state = backbone_state(obj)
     if state is None:
         return None

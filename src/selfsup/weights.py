@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import hf, official
-from .config import BackboneConfig, Config, CropsConfig, apply, eval_size, to_dict
+from .config import BackboneConfig, Config, apply, eval_size, to_dict
 from .core.errors import UserError
 from .core.io import atomic_write
 from .methods import build_method, method_class
@@ -81,13 +81,14 @@ def with_weights(cfg: BackboneConfig, state: dict[str, torch.Tensor], where: str
 
 
 def _from_official(obj, where: str) -> Loaded | None:
-    """An official DINO/DINOv2 backbone (official.py), at its evaluation size with ImageNet statistics."""
+    """An official DINO/DINOv2 backbone (official.py), at its evaluation size with ImageNet statistics (for 3
+    channels: `official.default_stats`)."""
     found = official.from_object(obj, where)
     if found is None:
         return None
     cfg, state, optional = found
-    crops = CropsConfig()
-    return Loaded(with_weights(cfg, state, where, optional), cfg, official.EVAL_SIZE, crops.mean, crops.std, where)
+    mean, std = official.default_stats(cfg.in_chans)
+    return Loaded(with_weights(cfg, state, where, optional), cfg, official.EVAL_SIZE, mean, std, where)
 
 
 def _from_export(path: Path) -> Loaded:

@@ -52,8 +52,15 @@ class Target:
     cache: bool = True  # features cached in the run folder (or beside the checkpoint)
     size: int | None = None  # dense protocols: the input size; None: the backbone's
 
-    def loaded(self) -> tuple[Loaded, torch.device]:
+    def loaded(self, rgb: str | None = None) -> tuple[Loaded, torch.device]:
+        """The backbone and the device; `rgb` names what reads 8-bit RGB images only (a dense protocol, a figure),
+        for which a backbone of another channel count is one error line."""
         loaded = load(self.checkpoint)
+        n = loaded.config.in_chans
+        if rgb is not None and n != 3:
+            raise UserError(f"{rgb}: {self.checkpoint} takes {n} channel(s) (backbone.in_chans={n}), but {rgb} reads "
+                            "8-bit RGB images (knn, linear, lowshot, cluster, retrieval and embed read any channel "
+                            "count)")
         if self.random_init:
             loaded.backbone = loaded.random_init(seed=0)
         return loaded, resolve_device(self.device)
@@ -153,15 +160,15 @@ def open_dense(spec: str, split: str, need: str):
     return open_segmentation(root, split) if need == "mask" else open_depth(root, split)
 
 
-def _dense(t: Target):
-    loaded, device = t.loaded()
+def _dense(t: Target, protocol: str):
+    loaded, device = t.loaded(rgb=f"eval {protocol}")
     return loaded, device, t.feature_cache(), t.size or loaded.image_size, t.what(loaded)
 
 
 def attention_masks(t: Target, mass: float = 0.6) -> dict:
     if not 0 < mass < 1:
         raise UserError(f"--mass {mass}: expected a share between 0 and 1")
-    loaded, device, cache, size, what = _dense(t)
+    loaded, device, cache, size, what = _dense(t, "attention-masks")
     test = open_dense(t.data, "test", "mask")
     f = dense_features(loaded.backbone, test, t.data, "test", size, 1, loaded.mean, loaded.std, device, cache)
     fg, valid = (f.mask != 0) & (f.mask != IGNORE), f.mask != IGNORE
@@ -184,8 +191,8 @@ def _probe_input(f, layers: int) -> torch.Tensor:
     return segmentation_input(f.patch[:, -layers:], f.cls[:, -layers:])
 
 
-def _dense_splits(t: Target, need: str, layers: int):
-    loaded, device, cache, size, what = _dense(t)
+def _dense_splits(t: Target, need: str, layers: int, protocol: str):
+    loaded, device, cache, size, what = _dense(t, protocol)
     sets = {s: open_dense(t.data, s, need) for s in ("train", "test")}
     if need == "depth" and not sets["train"].has_depth:
         raise UserError(f"--data {t.data}: no depth maps (expected 'scenes' or a depth folder)")
@@ -197,7 +204,7 @@ def _dense_splits(t: Target, need: str, layers: int):
 def segment(t: Target, layers: int = 1, epochs: int = 30) -> dict:
     if layers not in (1, 4):
         raise UserError(f"--layers {layers}: expected 1 or 4")
-    sets, f, device, size, what = _dense_splits(t, "mask", layers)
+    sets, f, device, size, what = _dense_splits(t, "mask", layers, "segment")
     classes = sets["train"].classes
     r = linear_segmentation(_probe_input(f["train"], layers), f["train"].mask, _probe_input(f["test"], layers),
                             f["test"].mask, len(classes), epochs=epochs, device=device)
@@ -216,7 +223,7 @@ def segment(t: Target, layers: int = 1, epochs: int = 30) -> dict:
 def depth(t: Target, layers: int = 1, epochs: int = 10) -> dict:
     if layers not in (1, 4):
         raise UserError(f"--layers {layers}: expected 1 or 4")
-    sets, f, device, size, what = _dense_splits(t, "depth", layers)
+    sets, f, device, size, what = _dense_splits(t, "depth", layers, "depth")
     max_depth = sets["train"].max_depth
     r = linear_depth(_probe_input(f["train"], layers), f["train"].depth, _probe_input(f["test"], layers),
                      f["test"].depth, min_depth=1e-3, max_depth=max_depth, epochs=epochs, device=device)
@@ -245,7 +252,7 @@ def video(t: Target, n_last: int = 7, topk: int = 5, radius: int = 12) -> dict:
     from ..eval.video import j_and_f, labels_to_patches, propagate, summarise, upsample_labels  # scipy: start-up
     if n_last < 0 or topk < 1 or radius < 1:
         raise UserError("video: --n-last must be >= 0, --topk and --radius >= 1")
-    loaded, device, cache, size, what = _dense(t)
+    loaded, device, cache, size, what = _dense(t, "video")
     videos = open_videos(t.data)
     seqs = video_features(loaded.backbone, videos, t.data, size, loaded.mean, loaded.std, device, cache)
     patch = loaded.backbone.patch_size
@@ -284,7 +291,7 @@ def video(t: Target, n_last: int = 7, topk: int = 5, radius: int = 12) -> dict:
 def copydetect(t: Target, queries: int = 200, seed: int = 0) -> dict:
     if queries < 1:
         raise UserError("copydetect: --queries must be at least 1")
-    loaded, device, cache, size, what = _dense(t)
+    loaded, device, cache, size, what = _dense(t, "copydetect")
     r = copy_detection(loaded, t.data, size, queries, seed, device, cache)
     text = [f"copy detection ([CLS] + GeM patch descriptor, whitened) of {what} on {t.data}: {r['queries']} "
             f"distorted copies among {r['database']} images:", f"  mAP {r['map']:.2f} %   recall@1 {r['recall1']:.2f} %"]

@@ -48,8 +48,8 @@ def setup(args: argparse.Namespace):
     """(loaded backbone, images, input size, output folder, device)."""
     if args.n < 1 or (args.size is not None and args.size < 1):
         raise UserError("--n and --size must be at least 1")
+    loaded, device = Target(args.checkpoint, args.data, args.device, args.random_init).loaded(rgb=f"viz {args.figure}")
     images = viz_images(args.images, args.data, args.n)
-    loaded, device = Target(args.checkpoint, args.data, args.device, args.random_init).loaded()
     run = run_folder(args.checkpoint)
     out = Path(args.out) if args.out else (run / "viz" if run else Path("selfsup-viz"))
     return loaded, images, args.size or loaded.image_size, out, device
