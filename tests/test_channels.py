@@ -20,12 +20,13 @@ from selfsup.core.errors import UserError
 from selfsup.data import sources
 from selfsup.data.builtin import open_source
 from selfsup.data.channels import channel_stats, fit_to_source
+from selfsup.data.loader import epoch_loader, make_batches
 from selfsup.data.sources import decode
 from selfsup.data.views import N_PARAMS, Crops, MultiCrop, Param, Photometric, eval_transform
 from selfsup.methods import build_method
 from selfsup.nn import backbone_from_config
 from selfsup.nn.adapt import adapt_input_channels, adapt_input_conv
-from selfsup.weights import resolve_init, save_backbone
+from selfsup.weights import Loaded, resolve_init, save_backbone
 from tiny import ARGS, tiny_config
 
 tifffile = pytest.importorskip("tifffile")
@@ -157,6 +158,21 @@ def test_a_channel_count_the_backbone_does_not_take_is_one_error(tmp_path, monke
         digits[0]
 
 
+def test_a_mismatch_met_in_a_loader_worker_is_the_workers_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    np.save(tmp_path / "z.npy", rng.random((4, 12, 12), dtype=np.float32))  # read with 3 channels: not an image
+    src = open_source(str(tmp_path))
+    assert src.channels == 3 and src.files[-1].name == "z.npy"
+    c = CropsConfig(global_size=8, local_size=4, n_local=0)
+    loader = epoch_loader(make_batches(src, MultiCrop(c, seed=0), global_batch=4), 0, 0, num_workers=1)
+    with pytest.raises(UserError) as e:
+        next(iter(loader))  # torch re-raises it in this process, its traceback as the message
+    assert str(e.value) == (f"{tmp_path / 'z.npy'}: an array of shape (4, 12, 12), neither its first nor its last axis "
+                            "of length backbone.in_chans = 3 (expected [3, H, W] or [H, W, 3]; [H, W] is one channel)")
+
+
 def test_without_tifffile_a_multichannel_tiff_is_one_clear_line(tmp_path, monkeypatch):
     tiff_folder(tmp_path / "data", n=1)
     monkeypatch.setitem(sys.modules, "tifffile", None)
@@ -220,6 +236,21 @@ def test_a_mean_of_the_wrong_length_is_exit_2_and_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv", [["viz", "attention"], ["viz", "pca"], *(
+    ["eval", p] for p in ("attention-masks", "segment", "depth", "video", "copydetect"))])
+def test_rgb_pictures_and_dense_evaluations_of_a_4_channel_backbone_are_one_line(tmp_path, monkeypatch, capsys, argv):
+    monkeypatch.chdir(tmp_path)  # where pictures of a checkpoint outside a run folder would go
+    cfg = tiny_config(backbone={"in_chans": 4}).backbone
+    checkpoint = tmp_path / "four.safetensors"
+    Loaded(backbone_from_config(cfg), cfg, 16, (0.5,) * 4, (0.25,) * 4, "test").save(checkpoint)
+    assert main([*argv, "--checkpoint", str(checkpoint), "--data", "digits", "--device", "cpu"]) == 2
+    what = " ".join(argv)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"selfsup: error: {what}: {checkpoint} takes 4 channel(s) (backbone.in_chans=4), but {what} reads 8-bit RGB "
+        "images (knn, linear, lowshot, cluster, retrieval and embed read any channel count)"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["four.json", "four.safetensors"]  # nothing written
+
+
 # ----- 3-channel RGB as before -----
 
 def digest(t: torch.Tensor) -> str:
@@ -227,12 +258,13 @@ def digest(t: torch.Tensor) -> str:
 
 
 # computed by the code before this change (git worktree of 42ae5f4): global crops, local crops, their parameters,
-# the normalised global and local crops, the evaluation views
+# the normalised global and local crops, the evaluation views (these two since issue 13: torchvision's Resize +
+# CenterCrop for every image, where small ones were resized straight to the size: data/views.py eval_geometry)
 BEFORE = {
     "folder": ["695e155086ac2bb9", "e5d3ecf8c7aae87d", "8fc6a5a4c524cdba", "5de8fab3deaa52a2", "ad057728b42d6570",
-               "99ca3e214de7ebe9"],
+               "68af8506e995efff"],
     "digits": ["ac5585a8c5f25623", "fc947605e73217fb", "8fc6a5a4c524cdba", "cb66365e47060a8b", "e95f673ef51061ab",
-               "56539448c97456a7"],
+               "8c0231b8ac2cbc18"],
 }
 
 

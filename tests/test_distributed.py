@@ -148,9 +148,10 @@ def test_two_ranks_train_like_one_process(runs, name):
     two, one = runs
     l2, l1 = losses(two / name), losses(one / name)
     assert list(l1) == list(l2) == list(range(1, STEPS + 1))
-    # float32 sums reassociated by other BLAS kernels and CPUs drift by ~1e-6 of the loss over the steps (1.55e-5
-    # on a loss of ~7 seen on an AMD EPYC); a real difference (statistics or keys of the wrong rank) is ~1e-2
-    assert list(l2.values()) == pytest.approx(list(l1.values()), rel=1e-4, abs=1e-6)
+    # issue 13's acceptance: 1e-5 of the loss. float32 sums reassociated by other BLAS kernels and CPUs drift by
+    # ~2e-6 of it over the steps (1.55e-5 on a loss of ~7 on an AMD EPYC); a real difference (statistics or keys of
+    # the wrong rank) is ~1e-2
+    assert list(l2.values()) == pytest.approx(list(l1.values()), rel=1e-5, abs=1e-6)
     assert len(set(l1.values())) == STEPS  # the steps really differ (a constant would also "match")
 
 

@@ -127,3 +127,25 @@ def test_feature_kinds():
     for bad in ("last5", "avg", "cls+max"):
         with pytest.raises(UserError):
             select(feats, bad)
+
+
+def test_an_entry_of_an_older_cache_version_is_recomputed_and_replaced(tmp_path, images, monkeypatch):
+    """VERSION 3: the evaluation view became torchvision's Resize + CenterCrop; features stored before are stale."""
+    import selfsup.eval.cache as cache_module
+
+    ckpt = tmp_path / "b.safetensors"
+    ckpt.write_bytes(b"weights")
+    folder, calls = cache_folder(ckpt), []
+
+    def compute():
+        calls.append(1)
+        return {"cls": torch.randn(6, 1, 4)}, torch.arange(6)
+
+    src = open_folder(images)
+    monkeypatch.setattr(cache_module, "VERSION", cache_module.VERSION - 1)
+    FeatureCache(folder, ckpt).get("imgs", "train", src, compute, size=8)
+    monkeypatch.setattr(cache_module, "VERSION", cache_module.VERSION + 1)
+    FeatureCache(folder, ckpt).get("imgs", "train", src, compute, size=8)
+    assert len(calls) == 2  # not read from the older entry ...
+    left = [stored_key(f) for f in folder.glob("*.safetensors")]
+    assert [k["version"] for k in left] == [cache_module.VERSION] == [3]  # ... which is deleted

@@ -160,6 +160,34 @@ def test_frozen_last_layer_dino_drops_the_gradient_dinov2_sets_lr_zero(tmp_path,
             assert state["exp_avg"].abs().sum() > 0 and state["exp_avg_sq"].abs().sum() > 0
 
 
+
+@pytest.mark.parametrize("method", ["dino", "dinov2"])
+def test_frozen_last_layer_trains_after_the_freeze(tmp_path, method):
+    """Frozen for the first of 3 steps (epochs of 1 step), then trained. DINO's Adam counts only the 2 unfrozen
+    steps (no gradient while frozen: its moments start after the freeze); DINOv2's counts all 3 (lr 0, the
+    gradient kept), so the moments it accumulated while frozen shape its first real update."""
+    extra = {"ibot": {**HEADS, "separate_head": True}} if method == "dinov2" else {}
+    cfg = tiny_config(method, optim={"steps": 3, "epoch_length": 1, "freeze_last_layer_epochs": 1.0,
+                                     "schedule_epochs": None}, **extra)
+    t = Trainer(cfg, tmp_path / "run")
+    last = [p for p in t.method.last_layer_params() if p.requires_grad]
+    before = [p.detach().clone() for p in last]
+    seen = []  # the weights after each step (the trial steps before the run's first restore what they change)
+    after_step = t.method.after_step
+
+    def record(progress):
+        after_step(progress)
+        seen.append([p.detach().clone() for p in last])
+
+    t.method.after_step = record
+    t.fit()
+    assert t.step == 3
+    seen = [before] + seen[-3:]
+    for k, p in enumerate(last):
+        assert torch.equal(seen[1][k], seen[0][k])  # step 1 frozen: unchanged
+        assert not torch.equal(seen[2][k], seen[1][k]) and not torch.equal(seen[3][k], seen[2][k])  # then trains
+        assert int(t.optimizer.state[p]["step"]) == (2 if method == "dino" else 3)
+
 # ----- the patch centre -----
 def one_batch(cfg, method, B=4):
     g = torch.randn(2 * B, 3, 16, 16)

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from selfsup.config import Config, apply, load_recipe
-from selfsup.data.views import resized_crop
-from selfsup.methods import build_method
+from selfsup.data.views import eval_geometry, eval_transform, resized_crop
+from selfsup.methods import build_method, method_class
 from selfsup.training.optim import build_optimizer, clip_gradients
 from selfsup.training.schedules import Schedules, run_length
 from tiny import tiny_config
@@ -117,25 +117,36 @@ def test_decay_all_decays_everything():
                                                "decay_all": True}).values()) == {1.0}
 
 
-def test_dinov2_imagenet_schedule_milestones_in_official_epochs():
+@pytest.mark.parametrize("recipe", ["dinov2_imagenet", "distill_imagenet", "dinov2_vits8"])
+def test_dinov2_recipes_schedule_milestones_in_official_epochs(recipe):
     cfg = Config()
-    load_recipe(cfg, "dinov2_imagenet")
-    per_pass = 1_281_167 // cfg.optim.batch_size  # ImageNet-1k at batch 2048: 625 steps a pass
+    load_recipe(cfg, recipe)
+    per_pass = 1_281_167 // cfg.optim.batch_size  # ImageNet-1k: 625 steps a pass at batch 2048, 1251 at 1024
     total, epoch = run_length(cfg.optim, per_pass)
     assert (total, epoch) == (100 * 1250, 1250)
     small = copy.deepcopy(cfg)  # the recipe's schedules on a small model
-    apply(small, {"backbone": {"arch": "vit_tiny", "depth": 1}, "dino": {"out_dim": 64, "hidden_dim": 32,
-                  "bottleneck_dim": 16}, "ibot": {"head_n_prototypes": 64, "head_hidden_dim": 32,
-                  "head_bottleneck_dim": 16}}, "test")
-    s = Schedules.build(cfg, build_method(small).schedules(), total, epoch)
+    apply(small, {"backbone": {"arch": "vit_tiny", "depth": 1, "n_registers": 0},
+                  "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16},
+                  "ibot": {"head_n_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16}}, "test")
+    # distill's frozen teacher comes from a run folder (Distill.inputs): its schedules do not depend on it
+    method = method_class(small.method)(small, teacher=torch.nn.ModuleDict()) if small.method == "distill" \
+        else build_method(small)
+    s = Schedules.build(cfg, method.schedules(), total, epoch)
     teacher_temp, frozen, momentum = (s.method[k] for k in ("teacher_temp", "freeze_last_layer", "momentum"))
     warmup = 10 * 1250  # the reference: lr warm-up 10 epochs, teacher temp 30, last layer frozen 1, of 1250 its
     assert int(np.argmax(s.lr)) == warmup and s.lr[warmup - 1] < s.lr[warmup]
     assert teacher_temp[30 * 1250 - 1] < 0.07 and teacher_temp[30 * 1250] == pytest.approx(0.07)
     assert frozen.sum() == 1250 and frozen[1249] == 1 and s.first_full_step == 1250
     assert momentum[-1] == pytest.approx(1.0) and len(s.lr) == 125_000
-    cfg.optim.epoch_length = None  # without it an epoch is a pass: half the reference's steps
-    assert run_length(cfg.optim, per_pass) == (62_500, 625)
+    # the high-resolution stage (DINOv2 Sec. 4): the last 10,000 steps at 512 px, from step 115,000, as the
+    # trainer places it (Trainer.schedule: highres.steps scaled like the epochs, here by 1)
+    if recipe == "distill_imagenet":
+        assert cfg.highres.steps == 0
+    else:
+        assert (cfg.highres.steps, cfg.highres.global_size, s.epoch_scale) == (10_000, 512, 1.0)
+        assert total - max(1, round(cfg.highres.steps * s.epoch_scale)) == 115_000
+    cfg.optim.epoch_length = None  # without it an epoch is a pass: fewer steps than the reference's
+    assert run_length(cfg.optim, per_pass) == (100 * per_pass, per_pass)
 
 
 @pytest.mark.parametrize("size", [96, 224, 600])
@@ -150,3 +161,35 @@ def test_resized_crops_are_pil_bicubic(size):
     bilinear = abs(ours - np.asarray(crop.resize((size, size), Image.BILINEAR)).astype(int))
     assert bicubic.mean() < 0.3 and bicubic.max() <= 6  # torch's antialiased bicubic is PIL's up to rounding
     assert bilinear.mean() > 0.9
+
+
+def reference_eval_view(img: np.ndarray, size: int = 224) -> np.ndarray:
+    """torchvision's Resize(256, BICUBIC) + CenterCrop(224) on a PIL image (DINO eval_linear.py, DINOv2
+    data/transforms.py), restated: the shorter side to 256, the longer int(256 * long / short); no resize at that
+    size already; crop offsets int(round(d / 2.0))."""
+    h, w = img.shape[:2]
+    short = size * 256 // 224
+    nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+    pil = Image.fromarray(img)
+    if (nh, nw) != (h, w):
+        pil = pil.resize((nw, nh), Image.BICUBIC)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return np.asarray(pil.crop((left, top, left + size, top + size)))
+
+
+# 250 x 335: an odd margin (343 - 224 = 119), rounded to 60 where floor gives 59
+@pytest.mark.parametrize("shape", [(250, 333), (300, 301), (224, 224), (100, 80), (500, 669), (250, 335)])
+def test_evaluation_view_is_torchvision_resize_256_center_crop_224(shape):
+    from skimage import data
+
+    h, w = shape
+    img = np.array(Image.fromarray(data.astronaut()).resize((w, h), Image.BILINEAR))
+    want = reference_eval_view(img)
+    nh, nw, top, left = eval_geometry(h, w, 224)
+    assert min(nh, nw) == 256 and max(nh, nw) == int(256 * max(h, w) / min(h, w))
+    assert (top, left) == (int(round((nh - 224) / 2.0)), int(round((nw - 224) / 2.0)))
+    ours = eval_transform(torch.from_numpy(img).permute(2, 0, 1).contiguous(), 224, (0.0,) * 3, (1.0,) * 3)
+    diff = abs(ours.permute(1, 2, 0).numpy() * 255 - want.astype(float))
+    assert diff.mean() < 0.3 and diff.max() <= 4  # PIL rounds to uint8 (a mean of 0.25 levels); up- or downscaled
+    shifted = np.roll(want.astype(float), 1, axis=int(np.argmax(shape)))  # one pixel off along the long side
+    assert abs(ours.permute(1, 2, 0).numpy() * 255 - shifted).mean() > 2 * diff.mean()

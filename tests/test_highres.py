@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 from selfsup.cli import main
@@ -16,6 +17,10 @@ STAGE = ["highres.steps=3", "highres.global_size=24"]
 # a run of 6 steps over digits' 179 batches of 8 is 6/179 epochs: schedule_epochs equal to it keeps highres.steps
 RUN = ["train", "--steps", "6", *ARGS, *STAGE, f"optim.schedule_epochs={6 / 179}", "train.checkpoint_every=1",
        "train.keep_last=2"]
+# the method the stage is for: DINOv2's batch masks drawn at the new grid, KoLeo, uniform drop path (the kept subset)
+DINOV2 = ["ibot.head_n_prototypes=64", "ibot.head_hidden_dim=32", "ibot.head_bottleneck_dim=16",
+          "ibot.separate_head=true", "ibot.masking=dinov2", "dinov2.koleo_loss_weight=0.1", "backbone.drop_path=0.3",
+          "backbone.drop_path_uniform=true"]
 
 
 def test_local_crops_grow_like_the_global_ones_to_a_multiple_of_the_patch():
@@ -56,11 +61,14 @@ def test_the_last_steps_take_the_large_crops_with_interpolated_position_embeddin
     assert m is not None and torch.isfinite(torch.tensor(m["loss"]))
 
 
-def test_a_run_resumed_inside_the_stage_repeats_its_losses(tmp_path):
-    assert main([*RUN, "--out", str(tmp_path / "ref")]) == 0
+@pytest.mark.parametrize("method", ["dino", "dinov2"])
+def test_a_run_resumed_inside_the_stage_repeats_its_losses(tmp_path, method):
+    run_args = [RUN[0], "--method", method, *RUN[1:], *(DINOV2 if method == "dinov2" else [])]
+    assert main([*run_args, "--out", str(tmp_path / "ref")]) == 0
     kept = sorted(p.name for p in (tmp_path / "ref").glob("checkpoint-*.pt"))
     assert kept == ["checkpoint-00000003.pt", "checkpoint-00000005.pt", "checkpoint-00000006.pt"]  # + the stage's start
     ref = losses(tmp_path / "ref")
+    assert ('"koleo"' in (tmp_path / "ref" / "metrics.jsonl").read_text()) == (method == "dinov2")
     log = (tmp_path / "ref" / "train.log").read_text()
     assert "step 3: high-resolution stage, 3 steps of 2 x 24 + 2 x 12 px crops, batch 8" in log
     run = tmp_path / "run"
@@ -68,7 +76,7 @@ def test_a_run_resumed_inside_the_stage_repeats_its_losses(tmp_path):
     for name in ("checkpoint-00000006.pt", "backbone.safetensors"):
         (run / name).unlink()
     assert latest(run).name == "checkpoint-00000005.pt"  # inside the stage
-    assert main([*RUN, "--out", str(run), "--resume"]) == 0
+    assert main([*run_args, "--out", str(run), "--resume"]) == 0
     got = losses(run)
     assert list(got) == list(range(1, 7))
     assert got == ref  # bit-identical: the same crops, masks and drop paths as the uninterrupted run

@@ -29,6 +29,7 @@ from .core.errors import UserError
 from .core.io import atomic_write
 from .core.machine import PeakMemory
 from .data.views import MultiCrop, Photometric, synthetic_views
+from .methods import method_class
 from .nn import backbone_from_config
 from .nn.attention import set_attention_backend
 from .nn.vit import Block, VisionTransformer
@@ -264,7 +265,8 @@ class PipelineResult:
 def input_pipeline(cfg: Config, source, n_images: int, device: torch.device, repeats: int = 3) -> PipelineResult:
     """Images/s of the two halves of the input pipeline on their own: `MultiCrop` (loader side, one process)
     on the first `n_images` of `source`, and `Photometric` (batched on `device`) on the views it made."""
-    multicrop, photometric = MultiCrop(cfg.crops, cfg.train.seed), Photometric(cfg.crops)
+    multicrop = MultiCrop(cfg.crops, cfg.train.seed)
+    photometric = Photometric(cfg.crops, method_class(cfg.method).blur_kernel)
     samples = [(*source[i], i) for i in range(n_images)]
     t_crop, t_photo = [], []
     for r in range(repeats):

@@ -151,6 +151,10 @@ TWO_VIEWS = Needs(lambda v, c: c.crops.n_global + v >= 2,
                   lambda c: f"at least {2 - c.crops.n_global} with crops.n_global = {c.crops.n_global}, for 2 views")
 
 
+BLUR_KERNEL = Needs(lambda v, c: v in ("auto", 0) or (type(v) is int and v >= 3 and v % 2 == 1),
+                    lambda c: "auto, 0 or an odd kernel size >= 3")
+
+
 @dataclass(frozen=True)
 class AutoOr(Rule):
     """'auto', or a list of numbers each passing `each` (crops.mean, crops.std)."""
@@ -212,6 +216,10 @@ class CropsConfig:
     blur: tuple[float, float, float] = checked((1.0, 0.1, 0.5), UNIT)
     # in pixels of the crop (BYOL, DINO)
     blur_sigma: tuple[float, float] = checked((0.1, 2.0), Range(0, open_lo=True, ordered=True))
+    # the blur's kernel: auto (the method's reference: 9 for dinov2 and distill, 0 for the others), 0 (each image's
+    # kernel reaches ceil(3 sigma): close to PIL's GaussianBlur(radius=sigma) of dino, ibot, moco-v3 and BYOL) or an
+    # odd size, whatever sigma (torchvision's GaussianBlur(kernel_size), dinov2/data/transforms.py: 9)
+    blur_kernel: int | str = checked("auto", BLUR_KERNEL)
     # probability on global 1, global 2, locals
     solarize: tuple[float, float, float] = checked((0.0, 0.2, 0.0), UNIT)
     # normalisation, one number per input channel, or auto: computed from a sample of the training data and saved

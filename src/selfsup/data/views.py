@@ -238,14 +238,17 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack([choose(v, q, p, p, t, v), choose(t, v, v, q, p, p), choose(p, p, t, v, v, q)], 1)
 
 
-def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a per-image sigma (pixels); kernel radius 3 sigma, reflect padding.
-    Each image's kernel is cut at its own radius, so its result does not depend on the rest of the batch."""
+def _blur(x: torch.Tensor, sigma: torch.Tensor, kernel: int = 0) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (pixels), reflect padding. `kernel` 0: each image's kernel
+    reaches ceil(3 sigma), cut at its own radius so that its result does not depend on the rest of the batch (close
+    to PIL's GaussianBlur(radius=sigma): dino utils.GaussianBlur); odd: that many taps whatever sigma (torchvision's
+    GaussianBlur(kernel_size), as dinov2 data/transforms.py with 9). Either radius is cut to the crop's side - 1."""
     n, ch, hgt, wid = x.shape
-    radius = max(1, min(int(math.ceil(3 * float(sigma.max()))), min(hgt, wid) - 1))
+    reach = kernel // 2 if kernel else int(math.ceil(3 * float(sigma.max())))
+    radius = max(1, min(reach, min(hgt, wid) - 1))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    own = (3 * sigma).ceil().clamp(1, radius).view(-1, 1)
-    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2) * (t.abs().view(1, -1) <= own)
+    own = torch.full_like(sigma, radius) if kernel else (3 * sigma).ceil().clamp(1, radius)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2) * (t.abs().view(1, -1) <= own.view(-1, 1))
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # [n * ch, K]
     y = x.reshape(1, n * ch, hgt, wid)
     y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(n * ch, 1, 1, -1), groups=n * ch)
@@ -259,9 +262,11 @@ ORDERS = torch.tensor(list(__import__("itertools").permutations(range(4))))  # 2
 class Photometric:
     """Applies the photometric augmentations whose parameters `MultiCrop` drew, batched on the device."""
 
-    def __init__(self, cfg: CropsConfig):
+    def __init__(self, cfg: CropsConfig, method_kernel: int = 0):
+        """`method_kernel`: the blur kernel of crops.blur_kernel=auto, the method's (`Method.blur_kernel`)."""
         self.mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(cfg.std).view(1, -1, 1, 1)
+        self.blur_kernel: int = method_kernel if cfg.blur_kernel == "auto" else int(cfg.blur_kernel)
 
     def jitter(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         order = ORDERS.to(x.device)[p[:, Param.ORDER].long()]
@@ -296,27 +301,39 @@ class Photometric:
             x = torch.where(gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
         sel = torch.nonzero(p[:, Param.BLUR] > 0).flatten()
         if sel.numel():
-            x = x.index_copy(0, sel, _blur(x[sel], p[sel, Param.BLUR_SIGMA]).clamp(0, 1))
+            x = x.index_copy(0, sel, _blur(x[sel], p[sel, Param.BLUR_SIGMA], self.blur_kernel).clamp(0, 1))
         sol = p[:, Param.SOLARIZE] > 0
         if sol.any():  # PIL's solarize inverts pixels at or above 128
             x = torch.where(sol.view(-1, 1, 1, 1) & (x >= 128 / 255), 1.0 - x, x)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
-def eval_transform(img: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    """Evaluation view: resize the shorter side to size / 0.875 (DINO), centre crop `size`, normalise; bicubic
-    (DINO eval_linear.py, DINOv2 data/transforms.py: Resize(256, BICUBIC), CenterCrop(224)).
-    Images no larger than `size` (the built-in digits) are simply resized to `size`."""
-    x = as_float(img).unsqueeze(0)
-    h, w = x.shape[-2:]
-    if max(h, w) <= size or h == w == size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+def eval_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(height, width, top, left) of the evaluation view of an h x w image: torchvision's Resize(size * 256 / 224)
+    then CenterCrop(size), as DINO (eval_linear.py, eval_knn.py) and DINOv2 (data/transforms.py) evaluate: the
+    shorter side to size * 8 / 7 (256 at 224), the longer one truncated by int() (transforms/functional.py
+    _compute_resized_output_size), the crop offsets rounded (center_crop). Every image takes this path, the
+    small ones too (the built-in digits): its shorter side is scaled up to size * 8 / 7, then cropped."""
+    short = size * 256 // 224
+    if w <= h:
+        nh, nw = int(short * h / w), short
     else:
-        short = int(round(size / 0.875))
-        nh, nw = (short, max(short, round(w * short / h))) if h <= w else (max(short, round(h * short / w)), short)
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top : top + size, left : left + size]
+        nh, nw = short, int(short * w / h)
+    return nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+
+
+def eval_resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Float images [N, C, H, W] in [0, 1] (one size) in their evaluation view [N, C, size, size], bicubic and
+    antialiased as PIL's (see `eval_geometry`); not resized when already at the resized size, as torchvision."""
+    nh, nw, top, left = eval_geometry(x.shape[-2], x.shape[-1], size)
+    if (nh, nw) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return x[..., top : top + size, left : left + size]
+
+
+def eval_transform(img: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """Evaluation view of one image [C, H, W] (uint8, or float in [0, 1]): `eval_resize_crop`, then normalised."""
+    x = eval_resize_crop(as_float(img).unsqueeze(0), size)
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
-    return ((x.clamp(0, 1) - m) / s)[0]
+    return ((x - m) / s)[0]

@@ -27,7 +27,7 @@ from ..data.sources import Source
 from ..weights import run_backbone_file
 
 log = logging.getLogger("selfsup")
-VERSION = 2  # bump when what is stored changes
+VERSION = 3  # bump when what is stored changes (3: the evaluation view is torchvision's Resize + CenterCrop)
 
 
 def run_folder(checkpoint: str | Path) -> Path | None:
@@ -143,9 +143,11 @@ KEY = "selfsup.feature_key"
 
 
 def slot(key: dict) -> str:
-    """What an entry is the features of, whatever the version of the checkpoint file and of the data."""
+    """What an entry is the features of, whatever the version of the checkpoint file, of the data and of the cache
+    (an entry of an older VERSION is superseded too)."""
     ckpt = {k: v for k, v in key["checkpoint"].items() if k in ("path", "name")}
-    return json.dumps({**key, "checkpoint": ckpt, "data": key["data"]["name"]}, sort_keys=True)
+    rest = {k: v for k, v in key.items() if k != "version"}
+    return json.dumps({**rest, "checkpoint": ckpt, "data": key["data"]["name"]}, sort_keys=True)
 
 
 def stored_key(path: Path) -> dict | None:

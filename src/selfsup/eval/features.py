@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -18,7 +17,7 @@ from ..core.machine import usable_cores
 from ..core.progress import ProgressLine
 from ..data.channels import fit_channels
 from ..data.sources import EncodedSource, Skipped, Source, TensorSource
-from ..data.views import eval_transform
+from ..data.views import eval_resize_crop, eval_transform
 from ..nn.vit import VisionTransformer
 
 log = logging.getLogger("selfsup")
@@ -81,9 +80,7 @@ def eval_images(source: Source, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         labels = source.labels()
         for i in range(start, len(source), batch):
             x = fit_channels(source.images[i : i + batch].float() / 255.0, len(mean), source.name)
-            if x.shape[-1] != size or x.shape[-2] != size:
-                x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-            yield (x - m) / s, labels[i : i + batch]
+            yield (eval_resize_crop(x, size) - m) / s, labels[i : i + batch]
         return
     workers = loader_workers(source, batch) if workers is None else workers
     batches = DataLoader(EvalBatches(source, size, mean, std, batch, start), batch_size=None, num_workers=workers,

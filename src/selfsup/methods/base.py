@@ -84,6 +84,7 @@ class Method(nn.Module):
     sections: tuple[str, ...] = ()  # the config sections of its own it reads, saved with its runs
     local_batchnorm: bool = False  # True: BatchNorm stays per rank under torchrun (MoCo's shuffling BN)
     clip_mode: str = "global"  # optim.clip_mode=auto: the reference's gradient clipping (training/optim.clip_gradients)
+    blur_kernel: int = 0  # crops.blur_kernel=auto: 0, a Gaussian to ceil(3 sigma) (PIL's GaussianBlur(radius=sigma))
     no_decay: str = "ndim"  # which parameters skip weight decay (training/optim.no_weight_decay)
 
     def __init__(self, cfg: Config):

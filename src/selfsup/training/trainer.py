@@ -100,7 +100,7 @@ class Trainer:
         self.multicrop = MultiCrop(cfg.crops, cfg.train.seed, self.method.masking())
         self.highres = highres_crops(cfg)  # DINOv2's high-resolution stage, or None
         self.schedule()
-        self.photometric = Photometric(cfg.crops)
+        self.photometric = Photometric(cfg.crops, self.method.blur_kernel)
         self.model = wrap(self.method, cfg.train.distributed, self.device)  # what forward calls
         self.sharded = sharded(self.method)
         self.optimizer = build_optimizer(self.method.student_modules(), cfg, self.device, self.method.no_decay)
