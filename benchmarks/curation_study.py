@@ -6,6 +6,7 @@ ground truth.
     python benchmarks/curation_study.py build --out /tmp/cal --seed 1 # a calibration pool, made alike
     selfsup train --data /tmp/cur/pool --time 8m --out /tmp/dino      # the backbone that embeds
     selfsup curate --checkpoint /tmp/dino --pool /tmp/cal/pool --dedup --dedup-threshold T --out /tmp/cal/dedup-T
+    (add --dedup-crops 0.9,0.8 --out /tmp/cal/dedup-crops-T for the crop views; --protect /tmp/cal/evalset/test)
     python benchmarks/curation_study.py score --out /tmp/cal          # precision and recall of each T
     ... then on /tmp/cur with the chosen T: dedup/, retrieve/, balance/, random/ (see issue 15's note)
     python benchmarks/curation_study.py score --out /tmp/cur

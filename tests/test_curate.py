@@ -51,6 +51,25 @@ def test_similar_pairs_chunked_matches_dense(monkeypatch):
     assert got == want and {(i, 60 + i) for i in range(20)} <= got
 
 
+def test_crop_views_find_what_whole_images_miss():
+    # 0 and 1 are far apart as wholes (cos 0), but a crop view of 1 matches 0; 2 is alone
+    x = unit([1, 0, 0], [0, 1, 0], [0, 0, 1])
+    view = unit([0, 0.7, 0.7], [1, 0.02, 0], [0.5, 0.5, 0.1])
+    assert cu.similar_pairs(x, 0.99, use_faiss=False).tolist() == []
+    assert cu.similar_pairs(x, 0.99, use_faiss=False, views=[view]).tolist() == [[0, 1]]
+    assert cu.duplicate_groups(x, 0.99, use_faiss=False, views=[view]).tolist() == [0, 0, 2]
+    hit, near, sims = cu.protect(x, unit([0, 0, 1]), 0.99, use_faiss=False, pool_views=[view])
+    assert hit.tolist() == [2] and near.tolist() == [0]
+    hit, near, _ = cu.protect(x, unit([0, 0.9, 0.3]), 0.99, use_faiss=False, protected_views=[unit([1, 0, 0])])
+    assert hit.tolist() == [0] and near.tolist() == [0]  # a crop of the protected image is the pool's image 0
+    imgs = torch.arange(2 * 3 * 10 * 10, dtype=torch.float32).reshape(2, 3, 10, 10)
+    crops = cu.crop_views(imgs, 0.64)
+    assert len(crops) == 5 and all(c.shape == imgs.shape for c in crops)
+    assert crops[1][0, 0, 0, 0] < crops[4][0, 0, -1, -1]  # top-left and bottom-right corners
+    with pytest.raises(cu.UserError, match="area in"):
+        cu.crop_views(imgs, 1.0)
+
+
 def test_protect_and_per_query_retrieval():
     pool = unit([1, 0, 0], [0.99, 0.14, 0], [0, 1, 0], [0, 0.1, 1], [-1, 0, 0])
     hit, near, sims = cu.protect(pool, unit([0, 0, 1], [1, 0, 0]), 0.98)
@@ -128,6 +147,9 @@ def test_faiss_and_torch_agree():
     q = x[::7] + 0.01
     s_f, i_f = cu.knn(q, x, 5, use_faiss=True)
     s_t, i_t = cu.knn(q, x, 5, use_faiss=False)
+    views = [x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))]
+    pf = cu.similar_pairs(x, 0.9, use_faiss=True, views=views)
+    assert pf.tolist() == cu.similar_pairs(x, 0.9, use_faiss=False, views=views).tolist() and len(pf)
     torch.testing.assert_close(s_f, s_t, atol=1e-4, rtol=1e-4)
     assert (i_f == i_t).float().mean() > 0.99
     dup = torch.cat([x, x[:30] + 1e-3])
@@ -210,6 +232,11 @@ def test_curate_end_to_end(tmp_path, export, pile, capsys):
     args = ["curate", "--checkpoint", str(export), "--pool", pool, "--protect", str(pile / "eval"), "--dedup",
             "--dedup-threshold", "0.94", "--protect-threshold", "0.85", "--out", str(out), "--shards", str(shards),
             "--no-cache", "--balance", "30", "--levels", "8,3", "--json"]
+    assert main([*args[:-1], "--dedup-crops", "0.9", "--out", str(tmp_path / "crops"), "--shards",
+                 str(tmp_path / "s2")]) == 0  # crop views: at least the copies found without them
+    crop_removed = (tmp_path / "crops" / "removed.tsv").read_text()
+    assert all(f"zcopy{i}.png" in crop_removed for i in range(4))
+    capsys.readouterr()
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     selected = (out / "selected.txt").read_text().splitlines()
@@ -270,6 +297,8 @@ def test_curate_builtin_pool_names_and_bad_inputs(tmp_path, export, capsys):
         (["--pool", "digits", "--curated", "digits"], "--per-query K or --clusters N"),
         (["--pool", "digits", "--dedup", "--dedup-threshold", "1.5"], "expected a cosine similarity"),
         (["--pool", "digits", "--balance", "0"], "--balance 0: expected at least 1"),
+        (["--pool", "digits", "--dedup", "--dedup-crops", "0.9,1.2"], "expected distinct area fractions"),
+        (["--pool", "digits", "--dedup-crops", "0.9"], "give one of them"),
         (["--pool", "digits", "--balance", "10", "--levels", "3,8"], "decreasing"),
         (["--pool", str(tmp_path / "missing")], "no such file or directory"),
     ]

@@ -91,68 +91,111 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, use_faiss: bool |
     return torch.cat(sims), torch.cat(idx)
 
 
-def similar_pairs(x: torch.Tensor, threshold: float, use_faiss: bool | None = None) -> np.ndarray:
-    """All pairs (i, j), i < j, with cosine(x_i, x_j) >= threshold, as int64 [P, 2]: a range search (faiss) or
-    the upper triangle of the similarity matrix, a band of rows at a time (torch)."""
-    _check(x, "embeddings")
-    xn = normalized(x)
-    n = len(xn)
+def _range_pairs(queries: torch.Tensor, database: torch.Tensor, threshold: float, use_faiss: bool | None,
+                 upper: bool) -> np.ndarray:
+    """(query row, database row) pairs, int64 [P, 2], of cosine >= threshold between normalised rows: a range
+    search (faiss) or a band of query rows at a time (torch); `upper` (queries is the database) keeps i < j."""
+    n = len(database)
     if _use_faiss(use_faiss):
-        index = _faiss_index(xn.shape[1])
-        index.add(xn.numpy())
+        index = _faiss_index(database.shape[1])
+        index.add(database.numpy())
         pairs = []
         step = 16384
-        for i in range(0, n, step):  # range_search keeps ip > radius: nudge the radius to keep ties
-            lims, _, nbr = index.range_search(xn[i:i + step].numpy(), float(np.nextafter(threshold, -np.inf)))
-            rows = np.repeat(np.arange(i, min(i + step, n)), np.diff(lims).astype(np.int64))
-            keep = rows < nbr
+        for i in range(0, len(queries), step):  # range_search keeps ip > radius: nudge the radius to keep ties
+            lims, _, nbr = index.range_search(queries[i:i + step].numpy(), float(np.nextafter(threshold, -np.inf)))
+            rows = np.repeat(np.arange(i, min(i + step, len(queries))), np.diff(lims).astype(np.int64))
+            keep = rows < nbr if upper else np.ones(len(rows), dtype=bool)
             pairs.append(np.stack([rows[keep], nbr[keep].astype(np.int64)], 1))
         return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     pairs = []
     step = _rows_per_chunk(n)
-    for i in range(0, n, step):
-        block = xn[i:i + step] @ xn[i:].T  # only columns j >= i: the upper triangle
+    for i in range(0, len(queries), step):
+        first = i if upper else 0  # upper: only columns j >= i, the upper triangle
+        block = queries[i:i + step] @ database[first:].T
         r, c = torch.nonzero(block >= threshold, as_tuple=True)
-        c = c + i
-        r = r + i
-        keep = r < c
+        r, c = r + i, c + first
+        keep = r < c if upper else torch.ones_like(r, dtype=torch.bool)
         pairs.append(torch.stack([r[keep], c[keep]], 1).numpy())
     return np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
 
 
+def similar_pairs(x: torch.Tensor, threshold: float, use_faiss: bool | None = None,
+                  views: list[torch.Tensor] = ()) -> np.ndarray:
+    """All pairs (i, j), i < j, with cosine(x_i, x_j) >= threshold, as int64 [P, 2], sorted. With `views` (each
+    [N, D]: a descriptor of a crop of every image, as `crop_views` makes), a pair also counts when a view of one
+    image is that close to the other image: query-side augmentation, which finds crops that the whole-image
+    descriptors miss."""
+    _check(x, "embeddings")
+    xn = normalized(x)
+    pairs = [_range_pairs(xn, xn, threshold, use_faiss, upper=True)]
+    for v in views:
+        if v.shape != x.shape:
+            raise UserError(f"similar_pairs: a view has shape {tuple(v.shape)}, the embeddings {tuple(x.shape)}")
+        p = _range_pairs(normalized(v), xn, threshold, use_faiss, upper=False)
+        p = np.sort(p[p[:, 0] != p[:, 1]], axis=1)  # (crop of i, j) and (crop of j, i) are both the pair i < j
+        pairs.append(p)
+    out = np.concatenate(pairs)
+    return np.unique(out, axis=0) if len(out) else np.zeros((0, 2), np.int64)
+
+
+def crop_views(x: torch.Tensor, area: float) -> list[torch.Tensor]:
+    """Five crops of images [N, C, H, W] (centre, then the four corners, as torchvision's FiveCrop), each keeping
+    `area` of the image and resized back to H x W (bicubic, antialiased): the query-side views of copy
+    detection, which make a crop of an image comparable with its whole."""
+    if not 0.0 < area < 1.0 or x.dim() != 4:
+        raise UserError(f"crop views need images [N, C, H, W] and an area in (0, 1), got {tuple(x.shape)}, {area}")
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * area ** 0.5)), max(1, round(w * area ** 0.5))
+    corners = [((h - ch) // 2, (w - cw) // 2), (0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)]
+    return [F.interpolate(x[..., t:t + ch, l:l + cw], size=(h, w), mode="bicubic", antialias=True,
+                          align_corners=False) for t, l in corners]
+
+
 def components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components of the graph on n nodes with edges `pairs` [P, 2], by union-find (path halving,
-    union by smaller root): each node's label is the smallest node of its component (its first in order)."""
-    parent = np.arange(n)
+    """Connected components of the graph on n nodes with edges `pairs` [P, 2] (scipy's connected_components):
+    each node's label is the smallest node of its component (its first in order)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in np.asarray(pairs, dtype=np.int64).reshape(-1, 2).tolist():
-        ra, rb = root(a), root(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)  # the smaller index stays the root: the first image is kept
-    return np.array([root(a) for a in range(n)], dtype=np.int64)
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    first = np.full(label.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, label, np.arange(n))
+    return first[label]
 
 
-def duplicate_groups(x: torch.Tensor, threshold: float, use_faiss: bool | None = None) -> np.ndarray:
+def duplicate_groups(x: torch.Tensor, threshold: float, use_faiss: bool | None = None,
+                     views: list[torch.Tensor] = ()) -> np.ndarray:
     """Near-duplicate groups of a pool (DINOv2 Sec. 3: copy-detection similarity, a threshold, connected
-    components): label [N], the index of the first image of each one's group; keep = label == arange(N)."""
+    components): label [N], the index of the first image of each one's group; keep = label == arange(N).
+    `views` as in `similar_pairs`."""
     if not -1.0 <= threshold <= 1.0:
         raise UserError(f"duplicate threshold {threshold}: expected a cosine similarity in [-1, 1]")
-    return components(len(x), similar_pairs(x, threshold, use_faiss))
+    return components(len(x), similar_pairs(x, threshold, use_faiss, views))
 
 
-def protect(pool: torch.Tensor, protected: torch.Tensor, threshold: float, use_faiss: bool | None = None
+def protect(pool: torch.Tensor, protected: torch.Tensor, threshold: float, use_faiss: bool | None = None,
+            pool_views: list[torch.Tensor] = (), protected_views: list[torch.Tensor] = ()
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pool images too close to any protected image (DINOv2 Sec. 3: near-duplicates of evaluation images are
-    removed from the pool): (pool indices, their nearest protected image, the similarity)."""
+    removed from the pool): (pool indices, their nearest protected image, the similarity). With views (as in
+    `similar_pairs`), the similarity of a pool image is the highest of whole vs whole, a crop of it vs a whole
+    protected image, and a crop of a protected image vs it."""
     sims, idx = knn(pool, protected, 1, use_faiss)
-    hit = np.flatnonzero(sims[:, 0].numpy() >= threshold)
-    return hit.astype(np.int64), idx[hit, 0].numpy(), sims[hit, 0].numpy()
+    best, near = sims[:, 0].clone(), idx[:, 0].clone()
+    for v in pool_views:
+        s, j = knn(v, protected, 1, use_faiss)
+        better = s[:, 0] > best
+        best[better], near[better] = s[better, 0], j[better, 0]
+    for v in protected_views:
+        s, j = knn(pool, v, 1, use_faiss)
+        better = s[:, 0] > best
+        best[better], near[better] = s[better, 0], j[better, 0]
+    hit = np.flatnonzero(best.numpy() >= threshold)
+    return hit.astype(np.int64), near[hit].numpy(), best[hit].numpy()
 
 
 def retrieve_per_query(curated: torch.Tensor, pool: torch.Tensor, k: int, use_faiss: bool | None = None

@@ -55,6 +55,11 @@ def register(sub) -> None:
     p.add_argument("--descriptor", choices=("copydetect", "cls"), default="copydetect",
                    help="dedup descriptor: [CLS] + GeM of the patch tokens, whitened (DINO copy detection), or the "
                    "[CLS] alone; centred either way (default copydetect)")
+    p.add_argument("--dedup-crops", metavar="AREAS",
+                   help="query-side augmentation of --dedup and --protect: also describe five crops (centre and "
+                   "corners) of each image at each area fraction given, e.g. 0.9,0.8, and count a pair when a crop of "
+                   "one is close to the other; finds cropped copies that whole-image descriptors miss, at 1 + 5 x "
+                   "(number of areas) forward passes per pool and protected image (default: whole images only)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--per-query", type=int, metavar="K", help="keep the K nearest pool images of each curated image")
     mode.add_argument("--clusters", type=int, metavar="N", help="k-means the pool into N clusters, keep those "
@@ -91,6 +96,10 @@ def check(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and not -1.0 <= v <= 1.0:
             raise UserError(f"--{name.replace('_', '-')} {v}: expected a cosine similarity in [-1, 1]")
+    if args.dedup_crops is not None:
+        args.dedup_crops = parse_areas(args.dedup_crops)
+        if not args.dedup and not args.protect:
+            raise UserError("--dedup-crops describes crops for --dedup and --protect: give one of them")
     if args.curated and args.per_query is None and args.clusters is None:
         raise UserError("--curated: choose how to retrieve, --per-query K or --clusters N")
     if (args.per_query is not None or args.clusters is not None) and not args.curated:
@@ -122,6 +131,16 @@ def parse_levels(text: str) -> list[int]:
     return levels
 
 
+def parse_areas(text: str) -> list[float]:
+    try:
+        areas = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--dedup-crops {text}: expected area fractions separated by commas, e.g. 0.9,0.8") from None
+    if not areas or not all(0.0 < a < 1.0 for a in areas) or len(set(areas)) != len(areas):
+        raise UserError(f"--dedup-crops {text}: expected distinct area fractions in (0, 1), e.g. 0.9,0.8")
+    return areas
+
+
 def default_levels(n: int) -> list[int]:
     """About 50 images per finest cluster, then a tenth as many clusters above (two levels where n allows)."""
     k1 = max(2, min(n // 50, 10000)) if n >= 4 else 1
@@ -150,15 +169,26 @@ class Embedder:
         self.backbone = self.loaded.backbone.to(self.device).eval()
         self.cache = FeatureCache(None if args.no_cache else cache_folder(args.checkpoint), args.checkpoint)
 
-    def __call__(self, spec: str, role: str):
+    def __call__(self, spec: str, role: str, crops: list[float] | None = None):
+        """(source, features): "cls" and "gem" [N, D] of the evaluation view; with `crops`, also "cls@a/k" and
+        "gem@a/k" of crop k (0-4, `crop_views`) at area a of that view."""
         source = open_source(spec)
         loaded = self.loaded
 
-        def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        def describe(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             o = self.backbone.forward_features(x)
-            return {"cls": o["x_norm_clstoken"], "gem": gem(o["x_norm_patchtokens"])}
+            return o["x_norm_clstoken"], gem(o["x_norm_patchtokens"])
+
+        def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = dict(zip(("cls", "gem"), describe(x)))
+            for a in crops or []:
+                for k, view in enumerate(cu.crop_views(x, a)):
+                    out[f"cls@{a}/{k}"], out[f"gem@{a}/{k}"] = describe(view)
+            return out
 
         settings = {"size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std), "kind": "cls+gem"}
+        if crops:
+            settings["crops"] = list(crops)
 
         def compute():  # resumable: a stopped embedding of a large pool goes on from its last saved rows
             return extract(forward, source, loaded.image_size, self.device, self.args.batch_size, loaded.mean,
@@ -169,22 +199,43 @@ class Embedder:
         return source, feats
 
 
-def dedup_space(pool: dict, others: list[dict], kind: str) -> tuple[torch.Tensor, list[torch.Tensor], str]:
-    """The descriptors de-duplication compares, for the pool and the protected sets alike: DINO's copy-detection
-    descriptor ([CLS] + GeM p=4, PCA-whitened on pool images, L2-normalised; eval_copy_detection.py) when the pool
-    has enough images to learn the whitening (4 per dimension), else centred on the pool mean and normalised."""
-    def raw(f: dict) -> torch.Tensor:
-        return torch.cat([f["cls"], f["gem"]], 1) if kind == "copydetect" else f["cls"]
+Described = tuple[torch.Tensor, list[torch.Tensor]]  # whole images [N, D], and each crop view [N, D]
+
+
+def dedup_space(pool: dict, others: list[dict], kind: str) -> tuple[Described, list[Described], str]:
+    """The descriptors de-duplication compares, for the pool and the protected sets alike, each as (whole images,
+    crop views): DINO's copy-detection descriptor ([CLS] + GeM p=4, PCA-whitened on pool images, L2-normalised;
+    eval_copy_detection.py) when the pool has enough images to learn the whitening (4 per dimension), else centred
+    on the pool mean and normalised. Crop views go through the transform learnt on whole images."""
+    def raw(f: dict, key: str = "") -> torch.Tensor:
+        return torch.cat([f["cls" + key], f["gem" + key]], 1) if kind == "copydetect" else f["cls" + key]
+
+    def views(f: dict) -> list[str]:
+        return sorted({k[3:] for k in f if k.startswith("cls@")})
 
     x = raw(pool)
     fit = x[torch.linspace(0, len(x) - 1, min(len(x), WHITENING_SAMPLE)).round().long().unique()]
     if kind == "copydetect" and len(fit) >= 4 * x.shape[1]:
-        whiten = Whitening().fit(fit)
-        return whiten(x), [whiten(raw(o)) for o in others], "[CLS]+GeM, whitened"
-    mean = fit.mean(0)
-    norm = torch.nn.functional.normalize
-    what = "[CLS]+GeM, centred" if kind == "copydetect" else "[CLS], centred"
-    return norm(x - mean, dim=1), [norm(raw(o) - mean, dim=1) for o in others], what
+        transform, what = Whitening().fit(fit), "[CLS]+GeM, whitened"
+    else:
+        mean = fit.mean(0)
+        transform = lambda v: torch.nn.functional.normalize(v - mean, dim=1)  # noqa: E731
+        what = "[CLS]+GeM, centred" if kind == "copydetect" else "[CLS], centred"
+
+    def described(f: dict) -> Described:
+        return transform(raw(f)), [transform(raw(f, key)) for key in views(f)]
+
+    return described(pool), [described(o) for o in others], what + (f", {len(views(pool))} crop views" if views(pool) else "")
+
+
+def pair_similarity(x: torch.Tensor, views: list[torch.Tensor], i: np.ndarray, j: np.ndarray) -> torch.Tensor:
+    """The similarity of pairs (i, j) as de-duplication sees it: the highest cosine of whole vs whole and of a crop
+    view of either vs the other whole (normalised descriptors)."""
+    i, j = torch.as_tensor(i, dtype=torch.long), torch.as_tensor(j, dtype=torch.long)
+    best = (x[i] * x[j]).sum(1)
+    for v in views:
+        best = torch.maximum(best, torch.maximum((v[i] * x[j]).sum(1), (x[i] * v[j]).sum(1)))
+    return best
 
 
 def run(args: argparse.Namespace) -> int:
@@ -193,11 +244,12 @@ def run(args: argparse.Namespace) -> int:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     embed = Embedder(args)
-    pool_source, pool = embed(args.pool, "pool")
+    crops = args.dedup_crops if args.dedup or args.protect else None
+    pool_source, pool = embed(args.pool, "pool", crops)
     names = item_names(args.pool, pool_source)
     n = len(names)
     curated = embed(args.curated, "curated") if args.curated else None
-    protected = [(spec, *embed(spec, "protected")) for spec in args.protect]
+    protected = [(spec, *embed(spec, "protected", crops)) for spec in args.protect]
     times["embed_s"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     alive = np.ones(n, dtype=bool)
@@ -207,11 +259,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.dedup or protected:
         t = time.perf_counter()
-        desc, prot_desc, what = dedup_space(pool, [f for _, _, f in protected], args.descriptor)
+        (desc, views), prot_desc, what = dedup_space(pool, [f for _, _, f in protected], args.descriptor)
         if args.dedup:
-            groups = cu.duplicate_groups(desc, args.dedup_threshold)
+            groups = cu.duplicate_groups(desc, args.dedup_threshold, views=views)
             dup = np.flatnonzero(groups != np.arange(n))
-            sims = (desc[dup] * desc[groups[dup]]).sum(1).tolist()
+            sims = pair_similarity(desc, views, dup, groups[dup]).tolist()
             for i, s in zip(dup.tolist(), sims):
                 removed.append((names[i], "duplicate", names[groups[i]], s))
             alive[dup] = False
@@ -220,8 +272,8 @@ def run(args: argparse.Namespace) -> int:
                           "groups": int((sizes > 1).sum()), "removed": len(dup), "left": int(alive.sum())})
             figures["dedup"] = draw_groups(pool_source, groups, names, out / "dedup_groups.png")
         threshold = args.protect_threshold if args.protect_threshold is not None else args.dedup_threshold
-        for (spec, source, _), pd in zip(protected, prot_desc):
-            hit, near, sims = cu.protect(desc, pd, threshold)
+        for (spec, source, _), (pd, pviews) in zip(protected, prot_desc):
+            hit, near, sims = cu.protect(desc, pd, threshold, pool_views=views, protected_views=pviews)
             pnames = item_names(spec, source)
             fresh = [(i, j, s) for i, j, s in zip(hit.tolist(), near.tolist(), sims.tolist()) if alive[i]]
             for i, j, s in fresh:
