@@ -1,7 +1,7 @@
 """iBOT and DINOv2, each against its own reference: block masking (bytedance/ibot loader.py; dinov2/data/collate.py
 and masking.py), the frozen last layer (dino utils.cancel_gradients_last_layer; dinov2 train.py's last-layer lr
 schedule) and the patch centre (ibot main_ibot.py iBOTLoss.update_center; dinov2 loss/ibot_patch_loss.py as
-training/ssl_meta_arch.py calls it). Each test holds selfsup to a plain restatement of the reference's rule."""
+train/ssl_meta_arch.py calls it). Each test holds selfsup to a plain restatement of the reference's rule."""
 import math
 
 import numpy as np

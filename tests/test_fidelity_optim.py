@@ -1,6 +1,6 @@
 """Optimisation around the losses, each against its reference restated plainly: gradient clipping (dino and ibot
-utils.clip_gradients; dinov2 training/ssl_meta_arch.py, one clip_grad_norm_ per student module), weight decay
-exemptions (dino utils.get_params_groups; dinov2 utils/param_groups.py), DINOv2's fixed-length epoch (training/train.py
+utils.clip_gradients; dinov2 train/ssl_meta_arch.py, one clip_grad_norm_ per student module), weight decay
+exemptions (dino utils.get_params_groups; dinov2 utils/param_groups.py), DINOv2's fixed-length epoch (train/train.py
 OFFICIAL_EPOCH_LENGTH) and bicubic resizing (main_dino.py, dinov2 data/augmentations.py and transforms.py)."""
 import copy
 

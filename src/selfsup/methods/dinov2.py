@@ -67,7 +67,7 @@ class DINOv2(IBOT):
     name = "dinov2"
     sections = ("dino", "teacher", "ibot", "dinov2")
     masking_rule = "dinov2"  # ibot.masking=auto (dinov2/data/collate.py collate_data_and_cast)
-    clip_mode = "module"  # training/ssl_meta_arch.py: backbone, DINO head and iBOT head each to clip_grad
+    clip_mode = "module"  # train/ssl_meta_arch.py: backbone, DINO head and iBOT head each to clip_grad
     no_decay = "names"  # utils/param_groups.py: bias, norm and gamma
     blur_kernel = 9  # data/transforms.py GaussianBlur: torchvision's GaussianBlur(kernel_size=9) (distill too)
 

@@ -94,7 +94,7 @@ def set_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: floa
 def clip_gradients(modules: dict[str, nn.Module], max_norm: float, mode: str) -> None:
     """Clip the gradients that exist (a frozen last layer under DINO's rule has none). "param": each tensor to
     `max_norm` alone (DINO, iBOT utils.clip_gradients: scale max_norm / (norm + 1e-6) where below 1); "module":
-    one norm per network, backbone and each head (DINOv2 training/ssl_meta_arch.py, clip_grad_norm_ per student
+    one norm per network, backbone and each head (DINOv2 train/ssl_meta_arch.py, clip_grad_norm_ per student
     module); "global": one norm over them all."""
     groups = {k: [p for p in m.parameters() if p.grad is not None] for k, m in modules.items()}
     if mode == "param":

@@ -27,7 +27,7 @@ def scaled_lr(cfg: Config, world_batch: int) -> float:
 
 def run_length(o: OptimConfig, steps_per_pass: int) -> tuple[int, int]:
     """(total steps, steps of a schedule epoch). An epoch is a pass over the data, or `optim.epoch_length` steps
-    where set (DINOv2 training/train.py: OFFICIAL_EPOCH_LENGTH = 1250 iterations, whatever the data set)."""
+    where set (DINOv2 train/train.py: OFFICIAL_EPOCH_LENGTH = 1250 iterations, whatever the data set)."""
     epoch = o.epoch_length or steps_per_pass
     return (o.steps if o.steps else max(1, int(round(o.epochs * epoch)))), epoch
 
