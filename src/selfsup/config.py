@@ -575,6 +575,14 @@ def upgraded(values: dict, where: str) -> dict:
     return values
 
 
+def flat(d: dict, prefix: str = "") -> dict:
+    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}: a nested config dict by dotted keys."""
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def to_dict(cfg: Any) -> dict:
     """A plain dict (tuples as lists) for YAML and checkpoints."""
     out = {}

@@ -186,12 +186,8 @@ def protect(pool: torch.Tensor, protected: torch.Tensor, threshold: float, use_f
     protected image, and a crop of a protected image vs it."""
     sims, idx = knn(pool, protected, 1, use_faiss)
     best, near = sims[:, 0].clone(), idx[:, 0].clone()
-    for v in pool_views:
-        s, j = knn(v, protected, 1, use_faiss)
-        better = s[:, 0] > best
-        best[better], near[better] = s[better, 0], j[better, 0]
-    for v in protected_views:
-        s, j = knn(pool, v, 1, use_faiss)
+    for queries, database in [*((v, protected) for v in pool_views), *((pool, v) for v in protected_views)]:
+        s, j = knn(queries, database, 1, use_faiss)
         better = s[:, 0] > best
         best[better], near[better] = s[better, 0], j[better, 0]
     hit = np.flatnonzero(best.numpy() >= threshold)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from .config import BackboneConfig
 from .core.errors import UserError
 from .core.io import atomic_write
+from .data.views import eval_short_side
 from .nn import VIT_SIZES
 from .nn.vit import VisionTransformer
 from .official import default_stats
@@ -55,7 +56,6 @@ BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+?)((?:\.weight|\.bias)?)$")
 
 def is_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists()
-
 
 
 def to_selfsup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,7 +158,7 @@ def backbone_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch
 
 def write(backbone: VisionTransformer, cfg: BackboneConfig, image_size: int, mean, std, out: Path) -> None:
     """A folder `transformers.AutoModel.from_pretrained(out)` loads: config.json, model.safetensors and
-    preprocessor_config.json (resize to image_size / 0.875, centre crop, normalise: selfsup's evaluation view; RGB
+    preprocessor_config.json (resize to `eval_short_side`, centre crop, normalise: selfsup's evaluation view; RGB
     conversion for 3 channels only). num_channels is the backbone's in_chans.
     A ViT without layer scale gets lambda1 = 1, the identity; the outputs are the same."""
     if not isinstance(backbone, VisionTransformer):
@@ -195,6 +195,6 @@ def write(backbone: VisionTransformer, cfg: BackboneConfig, image_size: int, mea
     crop = {"height": image_size, "width": image_size}
     atomic_write(out / "preprocessor_config.json", json.dumps({
         "image_processor_type": "BitImageProcessor", "do_resize": True,
-        "size": {"shortest_edge": int(round(image_size / 0.875))}, "resample": 3, "do_center_crop": True,
+        "size": {"shortest_edge": eval_short_side(image_size)}, "resample": 3, "do_center_crop": True,
         "crop_size": crop, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(mean), "image_std": list(std), "do_convert_rgb": len(mean) == 3}, indent=2))

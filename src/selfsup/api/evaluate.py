@@ -72,6 +72,10 @@ class Target:
     def what(self, loaded: Loaded) -> str:
         return "random init" if self.random_init else loaded.source
 
+    def name(self, protocol: str) -> str:
+        """The stem of a protocol's record and picture: <protocol>-<data>[-random-init]."""
+        return f"{protocol}-{slug(self.data)}{'-random-init' if self.random_init else ''}"
+
     def figure(self, protocol: str) -> Path | None:
         """Where a protocol's picture goes: beside its JSON in the run folder, else in ./selfsup-eval."""
         run = run_folder(self.checkpoint)
@@ -80,7 +84,7 @@ class Target:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
             return None
-        return folder / f"{protocol}-{slug(self.data)}{'-random-init' if self.random_init else ''}.png"
+        return folder / f"{self.name(protocol)}.png"
 
 
 # ----- image-level protocols, on [CLS] (and pooled) features -----
@@ -333,7 +337,7 @@ def _record(t: Target, protocol: str, result: dict) -> None:
     run = run_folder(t.checkpoint)
     if run is None:
         return
-    out = run / "eval" / f"{protocol}-{slug(t.data)}{'-random-init' if t.random_init else ''}.json"
+    out = run / "eval" / f"{t.name(protocol)}.json"
     try:
         out.parent.mkdir(exist_ok=True)
         atomic_write(out, json.dumps(result, indent=2))

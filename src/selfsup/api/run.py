@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import Config, apply, highres_crops, load_recipe, parse_override, shipped_recipe, validate
+from ..config import Config, apply, flat, highres_crops, load_recipe, parse_override, shipped_recipe, validate
 from ..core import distributed
 from ..core.device import resolve_device
 from ..core.errors import UserError
@@ -226,11 +226,7 @@ def validate_user(user: dict) -> None:
     """The command line's own values, each on its own, before they pick or steer a recipe."""
     probe = Config()
     apply(probe, user, "command line")
-    validate(probe, only=set(dotted(user)))
-
-
-def dotted(d: dict, prefix: str = "") -> list[str]:
-    return [k for key, v in d.items() for k in (dotted(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])]
+    validate(probe, only=set(flat(user)))
 
 
 def fit_recipe(method: str, data: str, user: dict) -> Resolved:

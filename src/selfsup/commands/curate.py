@@ -3,7 +3,6 @@ de-duplicate, retrieve near a curated set, and balance with hierarchical k-means
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import logging
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .. import curate as cu
 from ..cli import print_json
@@ -20,6 +18,7 @@ from ..core.device import resolve_device
 from ..core.errors import UserError
 from ..data.builtin import open_source
 from ..data.channels import to_uint8
+from ..data.shards import check_target, require_webdataset, write_shards
 from ..eval.cache import FeatureCache, cache_folder
 from ..eval.copydetect import Whitening, gem
 from ..eval.features import extract
@@ -112,13 +111,9 @@ def check(args: argparse.Namespace) -> None:
         args.levels = parse_levels(args.levels)
         if args.balance is None:
             raise UserError("--levels shapes the k-means of --balance N: give --balance")
-    if args.shards and Path(args.shards).is_dir() and any(Path(args.shards).glob("*.tar")):
-        raise UserError(f"--shards {args.shards}: already holds .tar files (choose an empty folder)")
     if args.shards:
-        try:
-            import webdataset  # noqa: F401
-        except ImportError:
-            raise UserError("--shards needs the package webdataset (pip install webdataset)") from None
+        check_target(args.shards, "--shards")
+        require_webdataset("--shards")
 
 
 def parse_levels(text: str) -> list[int]:
@@ -351,36 +346,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     return 0
-
-
-def write_shards(parts: list, out: Path, shard_size: int, seed: int) -> dict:
-    """The selection as webdataset shards (the layout of `selfsup shards`): files' bytes unchanged, other images
-    (shards, built-in sets) encoded as PNG; labels where the source has classes."""
-    import webdataset as wds  # optional: the `shards` extra
-
-    out.mkdir(parents=True, exist_ok=True)
-    items = [(s, i) for s, idx in parts for i in idx]
-    classes = parts[0][0].classes
-    order = np.random.default_rng(seed).permutation(len(items))
-    with wds.ShardWriter(str(out / "%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for key, j in enumerate(order.tolist()):
-            source, i = items[j]
-            files = getattr(source, "files", None)
-            if files is not None:
-                ext = files[i].suffix.lower().lstrip(".").replace("jpeg", "jpg")
-                sample = {"__key__": f"{key:08d}", ext: files[i].read_bytes()}
-            else:
-                buf = io.BytesIO()
-                Image.fromarray(to_uint8(source[i][0]).permute(1, 2, 0).numpy()).save(buf, format="PNG")
-                sample = {"__key__": f"{key:08d}", "png": buf.getvalue()}
-            if classes and source.classes == classes:
-                sample["cls"] = int(source.labels()[i])
-            sink.write(sample)
-        n_shards = max(sink.shard, 1)
-    if classes:
-        (out / "classes.txt").write_text("\n".join(classes) + "\n")
-    spec = f"{out}/{{{0:06d}..{n_shards - 1:06d}}}.tar" if n_shards > 1 else f"{out}/000000.tar"
-    return {"images": len(items), "shards": n_shards, "spec": spec}
 
 
 def _thumb(source, i: int) -> np.ndarray:

@@ -1,11 +1,11 @@
 """`selfsup shards FOLDER --out DIR`: pack a folder of images into webdataset tar shards for streaming (the
-library's `selfsup.data.shards.write_shards`)."""
+library's `selfsup.data.shards.pack_folder`)."""
 from __future__ import annotations
 
 import argparse
 
 from ..cli import print_json
-from ..data.shards import write_shards
+from ..data.shards import pack_folder
 
 
 def register(sub) -> None:
@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    r = write_shards(args.folder, args.out, args.shard_size, args.seed)
+    r = pack_folder(args.folder, args.out, args.shard_size, args.seed)
     what = f", {len(r['classes'])} classes" if r["classes"] else ""
     print(f"{r['images']} images{what} -> {r['shards']} shard(s) in {args.out}\ntrain with: --data '{r['spec']}'")
     if args.json:

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..core.distributed import min_over_ranks
 from ..core.errors import UserError
-from .sources import EncodedSource, Skipped, decode, open_folder
+from .channels import to_uint8
+from .sources import EncodedSource, Skipped, Source, decode, open_folder
 from .views import MultiCrop
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -206,33 +208,63 @@ class ShardBatches(IterableDataset):
         return self.stream()[k * self.local_batch : (k + 1) * self.local_batch].tolist()
 
 
-def write_shards(folder: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0) -> dict:
-    """Pack every usable image of `folder` (labels from its class subfolders, if any) into webdataset tar shards
-    out/000000.tar, ... in a seeded random order, the files' bytes unchanged; `classes.txt` beside them. Returns
-    the counts and the spec to train on (`selfsup train --data SPEC`)."""
+def require_webdataset(flag: str):
+    """The webdataset module, an optional install (the `shards` extra)."""
     try:
-        import webdataset as wds
+        import webdataset
     except ImportError:
-        raise UserError("writing shards needs the package webdataset (pip install webdataset)") from None
-    if shard_size < 1:
-        raise UserError(f"--shard-size {shard_size}: expected at least 1")
+        raise UserError(f"{flag} needs the package webdataset (pip install webdataset)") from None
+    return webdataset
+
+
+def check_target(out: str | Path, flag: str) -> Path:
+    """A folder for new shards: one that holds .tar files already is refused (before any work is done)."""
     out = Path(out)
     if out.is_dir() and any(out.glob("*.tar")):
-        raise UserError(f"--out {out}: already holds .tar files (choose an empty folder)")
+        raise UserError(f"{flag} {out}: already holds .tar files (choose an empty folder)")
+    return out
+
+
+def write_shards(parts: list[tuple[Source, list[int]]], out: Path, shard_size: int, seed: int,
+                 flag: str = "--shards") -> dict:
+    """The images `parts` names (each a source and indices into it) as webdataset tar shards out/000000.tar, ...
+    in a seeded random order: files' bytes unchanged, other images (shards, built-in sets) encoded as PNG; labels
+    where the source has the first source's classes, `classes.txt` beside them. Returns the counts and the spec to
+    train on (`selfsup train --data SPEC`)."""
+    wds = require_webdataset(flag)
     out.mkdir(parents=True, exist_ok=True)
-    source = open_folder(Path(folder).expanduser())
-    labels = source.labels().tolist()
-    order = np.random.default_rng(seed).permutation(len(source.files))
+    items = [(s, i) for s, idx in parts for i in idx]
+    classes = parts[0][0].classes
+    labels = {id(s): s.labels().tolist() for s, _ in parts if classes and s.classes == classes}
+    order = np.random.default_rng(seed).permutation(len(items))
     with wds.ShardWriter(str(out / "%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for key, i in enumerate(order.tolist()):
-            f = source.files[i]
-            ext = f.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            sample = {"__key__": f"{key:08d}", ext: f.read_bytes()}
-            if source.classes:
-                sample["cls"] = labels[i]
+        for key, j in enumerate(order.tolist()):
+            source, i = items[j]
+            files = getattr(source, "files", None)
+            if files is not None:
+                ext = files[i].suffix.lower().lstrip(".").replace("jpeg", "jpg")
+                sample = {"__key__": f"{key:08d}", ext: files[i].read_bytes()}
+            else:
+                buf = io.BytesIO()
+                Image.fromarray(to_uint8(source[i][0]).permute(1, 2, 0).numpy()).save(buf, format="PNG")
+                sample = {"__key__": f"{key:08d}", "png": buf.getvalue()}
+            if id(source) in labels:
+                sample["cls"] = labels[id(source)][i]
             sink.write(sample)
-        n_shards = sink.shard
-    if source.classes:
-        (out / "classes.txt").write_text("\n".join(source.classes) + "\n")
+        n_shards = max(sink.shard, 1)
+    if classes:
+        (out / "classes.txt").write_text("\n".join(classes) + "\n")
     spec = f"{out}/{{{0:06d}..{n_shards - 1:06d}}}.tar" if n_shards > 1 else f"{out}/000000.tar"
-    return {"images": len(order), "shards": n_shards, "spec": spec, "classes": source.classes}
+    return {"images": len(items), "shards": n_shards, "spec": spec}
+
+
+def pack_folder(folder: str | Path, out: str | Path, shard_size: int = 1000, seed: int = 0) -> dict:
+    """`selfsup shards`: every usable image of `folder` (labels from its class subfolders, if any) as shards in
+    `out` (`write_shards`); the result also names the classes."""
+    require_webdataset("selfsup shards")
+    if shard_size < 1:
+        raise UserError(f"--shard-size {shard_size}: expected at least 1")
+    target = check_target(out, "--out")
+    source = open_folder(Path(folder).expanduser())
+    return {**write_shards([(source, list(range(len(source.files))))], target, shard_size, seed, "selfsup shards"),
+            "classes": source.classes}

@@ -308,13 +308,18 @@ class Photometric:
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
+def eval_short_side(size: int) -> int:
+    """The shorter side the evaluation view resizes to before its centre crop: size * 256 / 224 (256 at 224)."""
+    return size * 256 // 224
+
+
 def eval_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
     """(height, width, top, left) of the evaluation view of an h x w image: torchvision's Resize(size * 256 / 224)
     then CenterCrop(size), as DINO (eval_linear.py, eval_knn.py) and DINOv2 (data/transforms.py) evaluate: the
     shorter side to size * 8 / 7 (256 at 224), the longer one truncated by int() (transforms/functional.py
     _compute_resized_output_size), the crop offsets rounded (center_crop). Every image takes this path, the
     small ones too (the built-in digits): its shorter side is scaled up to size * 8 / 7, then cropped."""
-    short = size * 256 // 224
+    short = eval_short_side(size)
     if w <= h:
         nh, nw = int(short * h / w), short
     else:

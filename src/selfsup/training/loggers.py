@@ -17,7 +17,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from ..config import Config, to_dict
+from ..config import Config, flat, to_dict
 from ..core.errors import UserError
 from ..core.io import atomic_write
 
@@ -145,14 +145,6 @@ def require(names: tuple[str, ...]) -> None:
         module = MODULES.get(name)
         if module and module not in sys.modules and importlib.util.find_spec(module) is None:
             raise UserError(f"train.loggers: {name} is not installed (pip install 'selfsup[{name}]')")
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    """{'optim': {'lr': 1e-3}} -> {'optim.lr': 1e-3}."""
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def scalars(row: dict) -> dict[str, float]:
