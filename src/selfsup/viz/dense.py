@@ -50,7 +50,8 @@ def grid(rows: list[list[tuple[np.ndarray, str]]], path: Path, title: str, cmap:
     from .plots import plt  # matplotlib: imported when drawing
 
     n, cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, 2.0 * n + 0.4), squeeze=False)
+    height = 2.0 * n + 0.4
+    fig, axes = plt.subplots(n, cols, figsize=(1.9 * cols, height), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -60,7 +61,7 @@ def grid(rows: list[list[tuple[np.ndarray, str]]], path: Path, title: str, cmap:
                 ax.imshow(img, cmap=cmap if img.ndim == 2 else None, interpolation="nearest")
                 ax.set_title(label, fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))  # the top 0.35 inch for the title, clear of the first row
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
