@@ -107,7 +107,8 @@ def test_memory_fit_line():
     (500, True, {"global_size": 224, "local_size": 96, "patch_size": 16}),  # the paper's recipe on a GPU
     (32, True, {"global_size": 32, "local_size": 12, "patch_size": 4}),  # CIFAR-sized images on a GPU
     (500, False, {"global_size": 64, "local_size": 32, "patch_size": 16}),  # photos on a CPU: 4 x 4 tokens
-    (28, False, {"global_size": 28, "local_size": 14, "patch_size": 7}),  # digits on a CPU
+    (28, False, {"global_size": 28, "local_size": 14, "patch_size": 14}),  # digits on a CPU: dino_mnist5k's 2 x 2
+    (32, False, {"global_size": 32, "local_size": 16, "patch_size": 8}),  # CIFAR-sized on a CPU: 4 x 4
 ])
 def test_fitted_recipe(side, cuda, expected):
     device = torch.device("cuda" if cuda else "cpu")
@@ -123,10 +124,22 @@ def test_fitted_recipe(side, cuda, expected):
 
 
 def test_fitted_recipe_respects_the_users_patch_and_arch():
-    _, over, _ = fitted("dino", DataProfile(1000, 100, 300), torch.device("cpu"), 2,
-                        {"backbone": {"patch_size": 8, "arch": "vit_small"}})
+    _, over, why = fitted("dino", DataProfile(1000, 100, 300), torch.device("cpu"), 2,
+                          {"backbone": {"patch_size": 8, "arch": "vit_small"}})
     assert over["backbone"]["patch_size"] == 8 and over["crops"]["global_size"] == 64
     assert "depth" not in over["backbone"]  # the user's architecture keeps its blocks
+    assert any("usable core(s): vit_small, patch 8 (8 x 8 tokens)" in line for line in why)  # says what runs
+    _, over, why = fitted("dino", DataProfile(1000, 28, 300), torch.device("cpu"), 2,
+                          {"backbone": {"depth": 3, "patch_size": 7}})
+    assert over["backbone"]["patch_size"] == 7
+    assert any("usable core(s): vit_tiny, 3 blocks, patch 7 (4 x 4 tokens)" in line for line in why)
+
+
+def test_fitted_recipe_keeps_the_cpu_recipes_backbone_for_small_images():
+    _, over, _ = fitted("dino", DataProfile(1000, 28, 300), torch.device("cpu"), 2, {})
+    assert over["backbone"]["depth"] == 2 and over["backbone"]["patch_size"] == 14  # as dino_mnist5k.yaml
+    _, over, _ = fitted("dino", DataProfile(1000, 64, 300), torch.device("cpu"), 2, {})
+    assert over["backbone"]["depth"] == 4 and over["backbone"]["patch_size"] == 16
 
 
 def test_profile_reads_the_median_short_side(photos):
