@@ -4,11 +4,11 @@ ground truth.
 
     python benchmarks/curation_study.py build --out /tmp/cur          # pool/, curated/, evalset/, truth.json
     python benchmarks/curation_study.py build --out /tmp/cal --seed 1 # a calibration pool, made alike
-    selfsup train --data /tmp/cur/pool --time 8m --out /tmp/dino      # the backbone that embeds
-    selfsup curate --checkpoint /tmp/dino --pool /tmp/cal/pool --dedup --dedup-threshold T --out /tmp/cal/dedup-T
-    (add --dedup-crops 0.9,0.8 --out /tmp/cal/dedup-crops-T for the crop views; --protect /tmp/cal/evalset/test)
+    selfsup train --config dino_mnist5k --data /tmp/cur/pool --time 12m --out /tmp/dino   # the backbone
+    selfsup curate --checkpoint /tmp/dino --pool /tmp/cal/pool --dedup --dedup-threshold T \
+        --dedup-crops 0.95,0.9,0.85,0.8 --protect /tmp/cal/evalset/test --out /tmp/cal/dedup-T
     python benchmarks/curation_study.py score --out /tmp/cal          # precision and recall of each T
-    ... then on /tmp/cur with the chosen T: dedup/, retrieve/, balance/, random/ (see issue 15's note)
+    ... then on /tmp/cur with the chosen T: dedup/, retrieve/, balance/, random/ (see the README)
     python benchmarks/curation_study.py score --out /tmp/cur
 
 Fashion-MNIST comes from `apt-get install dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist). `score`
@@ -127,12 +127,15 @@ def entropy(classes: list[int]) -> float:
 def score(out: Path) -> dict:
     truth = json.loads((out / "truth.json").read_text())
     result: dict = {"pool": len(truth), "pool_entropy": entropy([t["class"] for t in truth.values()])}
-    for dedup in sorted(out.glob("dedup*")):  # dedup/, or dedup-0.9/ ... over a calibration pool
-        kept = set((dedup / "selected.txt").read_text().split())
-        removed = set(truth) - kept
+    for dedup in sorted(d for d in out.glob("dedup*") if d.is_dir()):  # dedup/, or dedup-0.9/ ... over a calibration pool
+        # removed.tsv says why each image went: de-duplication is scored on its own removals, protection on its own
+        rows = [line.split("\t") for line in (dedup / "removed.tsv").read_text().splitlines()[1:]]
+        duplicates = {r[0] for r in rows if r[1] == "duplicate"}
+        protected = {r[0] for r in rows if r[1] != "duplicate"}
         leaks = [k for k, t in truth.items() if "copy_of_eval" in t]
-        result[dedup.name] = {**dedup_scores(removed, truth),
-                              "protected_copies_removed": f"{sum(k in removed for k in leaks)} of {len(leaks)}"}
+        result[dedup.name] = {**dedup_scores(duplicates, truth),
+                              "protected_copies_removed": f"{sum(k in protected for k in leaks)} of {len(leaks)}",
+                              "protect_others_removed": len(protected - set(leaks))}
     share = lambda names: 100 * np.mean([truth[n]["class"] in CURATED_CLASSES for n in names])  # noqa: E731
     result["curated_share_pool"] = float(share(list(truth)))
     for name in ("retrieve", "balance", "random"):
