@@ -135,9 +135,12 @@ def test_fitted_recipe_respects_the_users_patch_and_arch():
     assert any("usable core(s): vit_tiny, 3 blocks, patch 7 (4 x 4 tokens)" in line for line in why)
 
 
-def test_fitted_recipe_keeps_the_cpu_recipes_backbone_for_small_images():
-    _, over, _ = fitted("dino", DataProfile(1000, 28, 300), torch.device("cpu"), 2, {})
-    assert over["backbone"]["depth"] == 2 and over["backbone"]["patch_size"] == 14  # as dino_mnist5k.yaml
+@pytest.mark.parametrize("method, patch, depth", [("dino", 14, 2), ("ibot", 7, 2), ("distill", 7, 1)])
+def test_fitted_recipe_keeps_the_cpu_recipes_backbone_for_small_images(method, patch, depth):
+    _, over, _ = fitted(method, DataProfile(1000, 28, 300), torch.device("cpu"), 2, {})
+    assert (over["backbone"]["patch_size"], over["backbone"]["depth"]) == (patch, depth)  # as <method>_mnist5k.yaml
+    _, over, _ = fitted("dino", DataProfile(1000, 20, 300), torch.device("cpu"), 2, {})  # 14 px: one token
+    assert (over["backbone"]["patch_size"], over["backbone"]["depth"]) == (4, 4)
     _, over, _ = fitted("dino", DataProfile(1000, 64, 300), torch.device("cpu"), 2, {})
     assert over["backbone"]["depth"] == 4 and over["backbone"]["patch_size"] == 16
 

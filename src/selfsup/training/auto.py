@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import Config, load_recipe
 from ..data.sources import Source, image_size
 
 PAPER_GLOBAL, PAPER_LOCAL = 224, 96  # DINO's multi-crop sizes
 CPU_GLOBAL_MAX = 64  # a CPU trains a few dozen tokens per crop in minutes, not 196
-SMALL_IMAGES = 32  # px: below this a CPU keeps the backbone dino_mnist5k measured on 28-px digits
+SMALL_IMAGES = 32  # px: below this a CPU keeps the backbone its <method>_mnist5k recipe has for 28-px digits
 CPU_TIME = "10m"  # a CPU run's length when none is given: the paper's 100 epochs would take hours
 N_SAMPLED = 300
 MULTI_CROP = ("dino", "ibot", "dinov2", "distill")  # the methods with local crops
@@ -74,16 +75,21 @@ def fitted(method: str, data: DataProfile, device: torch.device, cores: int, use
     over: dict = {"data": {}, "crops": {}, "backbone": {}, "train": {}}
     if cpu:
         g = min(side, CPU_GLOBAL_MAX)
-        # images as small as MNIST's keep the CPU recipe's measured backbone (2 x 2 tokens, 2 blocks): at 4 x 4
-        # tokens and 4 blocks DINO learns far slower there (dino_mnist5k.yaml; k-NN 55 % against 74 % after 8
-        # minutes on a Fashion-MNIST pool, issue 15's note); larger images get 16 tokens (16 px at 64)
-        tiny = g < SMALL_IMAGES
-        patch = backbone_user.get("patch_size") or nice_patch(g, 2 if tiny else 4)
+        patch, depth = nice_patch(g, 4), 4  # 16 tokens: 16 px at 64
+        if g < SMALL_IMAGES:
+            # images as small as MNIST's keep the patch and depth their CPU recipe was measured with (where they
+            # give 2 x 2 tokens at least): dino_mnist5k's 2 x 2 tokens and 2 blocks learn far faster than 4 x 4 and
+            # 4 blocks (k-NN 74 % against 55 % after 8 minutes on a Fashion-MNIST pool, issue 15's note)
+            base = Config()
+            load_recipe(base, recipe)
+            if 2 * base.backbone.patch_size <= g:
+                patch, depth = base.backbone.patch_size, base.backbone.depth
+        patch = backbone_user.get("patch_size") or patch
         g = snap(g, patch)
         local = snap(g / 2, patch)
         over["backbone"].update(arch="vit_tiny", patch_size=patch, img_size=g)
         if "arch" not in backbone_user:
-            over["backbone"]["depth"] = 2 if tiny else 4
+            over["backbone"]["depth"] = depth
         over["crops"].update(global_size=g, local_size=local)
         if method in MULTI_CROP:
             over["crops"]["n_local"] = 4
