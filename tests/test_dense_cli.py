@@ -3,9 +3,11 @@ and on folders in the VOC and DAVIS layouts, the --json contract, the cache, and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_dense_layouts import ids, make_davis, make_depth, make_voc, palette_png
 
 from selfsup.cli import main
@@ -59,6 +61,11 @@ def test_segment_and_video_read_the_voc_and_davis_layouts(tiny, tmp_path, capsys
     palette_png(tmp_path / "davis" / "Annotations" / "480p" / "walk" / "00001.png", ids(1, 3))
     r = run_json(capsys, "video", "--checkpoint", str(tiny), "--data", str(tmp_path / "davis"), "--no-cache")
     assert r["sequences"][0]["sequence"] == "walk" and 0 <= r["jf"] <= 100
+    # frames of 20 x 24 read at the training size's shorter side (64 x 76 -> 64 x 64, patch 16), whole; the
+    # propagated masks are scored and written at the frames' own size, as DAVIS is
+    assert r["size"] == 64
+    written = sorted(Path(r["masks"], "walk").glob("*.png"))
+    assert len(written) == 3 and all(Image.open(f).size == (24, 20) for f in written)
     make_depth(tmp_path / "nyu", "train")
     make_depth(tmp_path / "nyu", "test")
     r = run_json(capsys, "depth", "--checkpoint", str(tiny), "--data", str(tmp_path / "nyu"), "--epochs", "1",

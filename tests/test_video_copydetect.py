@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from selfsup.errors import UserError
 from selfsup.eval.copydetect import (_DISTORTIONS, Whitening, average_precision, copy_map, descriptor, distort,
                                      gem)
+from selfsup.eval.dense_features import video_grid
 from selfsup.eval.video import (boundary_f, j_and_f, labels_to_patches, neighbourhood_mask, propagate, region_j,
                                 summarise, upsample_labels)
 
@@ -116,6 +117,16 @@ def test_labels_to_patches_and_upsample_labels():
     assert upsample_labels(soft, (2, 2))[1, 1] == 1
     with pytest.raises(UserError):
         labels_to_patches(mask, 1, 8)
+    # onto another grid: the original mask resized by nearest neighbour (the reference's read_seg)
+    assert torch.equal(labels_to_patches(mask, 2, 8, grid=(1, 6)).argmax(0), torch.tensor([[0, 0, 1, 1, 2, 2]]))
+
+
+def test_video_frames_keep_their_aspect_as_dino_reads_davis():
+    # read_frame: the shorter side to 480, the longer floored to a multiple of 64; nothing cropped
+    assert video_grid(480, 854, 480, 8) == (480, 832) and video_grid(854, 480, 480, 16) == (832, 480)
+    assert video_grid(480, 854, 240, 8) == (240, 384)  # 427 -> 384
+    assert video_grid(480, 854, 476, 14) == (476, 840)  # 64 is no multiple of 14: the patch's multiple, 846 -> 840
+    assert video_grid(20, 24, 16, 16) == (16, 16)  # under 64 pixels: the patch's multiple
 
 
 # ---------------------------------------------------------------- DAVIS metrics

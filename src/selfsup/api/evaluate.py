@@ -256,9 +256,10 @@ def video(t: Target, n_last: int = 7, topk: int = 5, radius: int = 12) -> dict:
     from ..eval.video import j_and_f, labels_to_patches, propagate, summarise, upsample_labels  # scipy: start-up
     if n_last < 0 or topk < 1 or radius < 1:
         raise UserError("video: --n-last must be >= 0, --topk and --radius >= 1")
-    loaded, device, cache, size, what = _dense(t, "video")
-    videos = open_videos(t.data)
-    seqs = video_features(loaded.backbone, videos, t.data, size, loaded.mean, loaded.std, device, cache)
+    loaded, device = t.loaded(rgb="eval video")
+    cache, what, videos = t.feature_cache(), t.what(loaded), open_videos(t.data)
+    seqs, size = video_features(loaded.backbone, videos, t.data, t.size, loaded.mean, loaded.std, device, cache,
+                                least=loaded.image_size)
     patch = loaded.backbone.patch_size
     png = t.figure("video")
     out_dir = png.with_suffix("") if png is not None else None
@@ -267,8 +268,9 @@ def video(t: Target, n_last: int = 7, topk: int = 5, radius: int = 12) -> dict:
         if s.masks[0] is None:
             raise UserError(f"{videos.name}/{s.name}: the first frame has no annotation to propagate")
         n_objects = int(s.masks[0].max())
-        soft = propagate(list(s.patch), labels_to_patches(s.masks[0], n_objects, patch), n_last, topk, radius)
-        preds = [s.masks[0]] + [upsample_labels(p, (size, size), patch) for p in soft[1:]]
+        first = labels_to_patches(s.masks[0], n_objects, patch, grid=tuple(s.patch.shape[1:3]))
+        soft = propagate(list(s.patch), first, n_last, topk, radius)
+        preds = [s.masks[0]] + [upsample_labels(p, tuple(s.masks[0].shape), patch) for p in soft[1:]]
         scored = [i for i, m in enumerate(s.masks) if m is not None]  # frames with a ground truth
         if len(scored) < 3:  # DAVIS scores neither the first nor the last frame
             log.warning("%s: %d annotated frame(s), fewer than 3: not scored", s.name, len(scored))

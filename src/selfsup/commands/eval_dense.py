@@ -9,11 +9,14 @@ import argparse
 from ..api.evaluate import MASKS
 
 
-def dense_common(p: argparse.ArgumentParser, data: str, what: str) -> None:
+SIZE = ("images are resized (shorter side) and centre-cropped to this many pixels, a multiple of the patch "
+        "(default: the backbone's training size)")
+
+
+def dense_common(p: argparse.ArgumentParser, data: str, what: str, size: str = SIZE) -> None:
     p.add_argument("--checkpoint", required=True, help="a run folder, a checkpoint, a safetensors export")
     p.add_argument("--data", default=data, help=f"{what} (default: {data})")
-    p.add_argument("--size", type=int, help="images are resized (shorter side) and centre-cropped to this many "
-                   "pixels, a multiple of the patch (default: the backbone's training size)")
+    p.add_argument("--size", type=int, help=size)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--random-init", action="store_true", help="evaluate the same architecture untrained (a baseline)")
     p.add_argument("--no-cache", action="store_true", help="compute the features afresh and do not store them")
@@ -60,7 +63,10 @@ def register(protocols, run) -> None:
         "frame and the last n frames, within a local neighbourhood. Reports the DAVIS J&F mean and writes the "
         "propagated masks.")
     dense_common(video, "scenes-video", "scenes-video | a DAVIS 2017 folder (JPEGImages/480p/<seq>/, "
-                 "Annotations/480p/<seq>/)")
+                 "Annotations/480p/<seq>/)", "frames are resized so that their shorter side is this many pixels, a "
+                 "multiple of the patch, the longer side keeping the aspect (floored to a multiple of 64), uncropped, "
+                 "as DINO reads DAVIS; masks are scored at the frames' own size (default: the frames' shorter side, "
+                 "480 for DAVIS 480p, 128 for scenes-video; at least the training size)")
     video.add_argument("--n-last", type=int, default=7, help="previous frames in the queue (besides the first)")
     video.add_argument("--topk", type=int, default=5, help="neighbours each patch takes its labels from")
     video.add_argument("--radius", type=int, default=12, help="size of the local neighbourhood in patches")

@@ -27,6 +27,7 @@ from .packaged import mnist5k, skimage_dir, split_tensor
 SIZE = 64  # pixels: an 8 x 8 grid of patch 8, a CPU trains it in minutes
 N_SPLIT = {"train": 2000, "test": 500}
 N_VIDEOS, N_FRAMES = 16, 12
+VIDEO_SIZE = 128  # pixels: video frames are twice the training size, as DINO reads DAVIS at 480p for 224-px models
 CLASSES = ("background", "disc", "square", "triangle", "star", "digit", "horse", "cat", "coffee", "face")
 SHAPES = ("disc", "square", "triangle", "star")
 PHOTOS = {"cat": ("chelsea.png", (100, 0, 350, 250)), "coffee": ("coffee.png", (110, 10, 490, 370)),
@@ -38,6 +39,7 @@ DEPTH_BACKGROUND = ((6.5, 8.0), (9.0, 12.0))  # bottom and top rows of the backg
 RADIUS_AT_1M = 36.0  # pixels: an object's radius at depth d is RADIUS_AT_1M / d (7-28 px)
 SEEDS = {"train": 0, "test": 1, "video": 2}
 GENERATOR = "scenes-4"  # bump when what a seed generates changes: cached features of older scenes are stale
+VIDEO_GENERATOR = "scenes-video-2"  # the same, for scenes-video
 
 
 @functools.lru_cache(maxsize=None)
@@ -244,12 +246,12 @@ class SceneSet(DenseSource):
 
 
 class SceneSequence(VideoSequence):
-    def __init__(self, index: int, frames: int = N_FRAMES, size: int = SIZE):
+    def __init__(self, index: int, frames: int = N_FRAMES, size: int = VIDEO_SIZE):
         rng = np.random.default_rng([SEEDS["video"], index])
         bg = background(rng, size)
         objects = [random_object(rng, size, (1.8, 3.5)) for _ in range(int(rng.integers(2, 4)))]
         for o in objects:  # across the frame in a sequence, towards or away from the camera
-            o.vx, o.vy = (float(rng.uniform(-2.5, 2.5)) for _ in range(2))
+            o.vx, o.vy = (float(rng.uniform(-2.5, 2.5)) * size / SIZE for _ in range(2))  # 2.5 px at 64 px
             o.vdepth = float(rng.uniform(-0.15, 0.15))
         parts = [compose(bg, [o.at(t, size) for o in objects], size) for t in range(frames)]
         self.name = f"scene{index:03d}"
@@ -268,7 +270,7 @@ class SceneSequence(VideoSequence):
 
 class SceneVideos(VideoSource):
     def __init__(self, n: int = N_VIDEOS):
-        self.name, self.files, self.generator = "scenes-video", None, GENERATOR
+        self.name, self.files, self.generator = "scenes-video", None, VIDEO_GENERATOR
         self.sequences = [SceneSequence(i) for i in range(n)]
 
 

@@ -100,39 +100,56 @@ def dense_features(vit: nn.Module, source: DenseSource, spec: str, split: str, s
 class VideoFeatures:
     name: str
     patch: torch.Tensor  # [T, h, w, D] (last block, normalised)
-    frames: torch.Tensor  # uint8 [T, 3, size, size] (what the model saw, for figures)
-    masks: list[torch.Tensor | None]  # per frame: int64 [size, size] object ids, None where not annotated
+    frames: torch.Tensor  # uint8 [T, 3, H, W]: the frames as read (for figures)
+    masks: list[torch.Tensor | None]  # per frame: int64 [H, W] object ids at the frames' own size, None where not
+    # annotated (DAVIS scores at the original resolution)
 
 
-def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int, mean, std, device,
-                   cache: FeatureCache) -> list[VideoFeatures]:
-    """Last-block patch features of every frame of every sequence (one cache entry for the whole set)."""
+def video_grid(h: int, w: int, size: int, patch: int) -> tuple[int, int]:
+    """The input size (rows, cols) of an H x W frame (dino eval_video_segmentation.py read_frame): the shorter side
+    becomes `size`, the longer one keeps the aspect, floored to a multiple of 64 (of the patch where that does not
+    divide 64 or the side is under 64 pixels); nothing is cropped."""
+    long = int(max(h, w) * size / min(h, w))
+    unit = 64 if 64 % patch == 0 and long >= 64 else patch
+    long = max(size, long // unit * unit)
+    return (size, long) if h <= w else (long, size)
+
+
+def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | None, mean, std, device,
+                   cache: FeatureCache, least: int = 0) -> tuple[list[VideoFeatures], int]:
+    """Last-block patch features of every frame of every sequence (one cache entry for the whole set), and the
+    shorter side they were computed at: `size`, or by default the frames' own (DINO reads DAVIS at its 480p) but
+    no less than `least` (the training size)."""
     vit = require_vit(vit, "video propagation").to(device).eval()
-    check_size(size, vit.patch_size)
     lengths = [len(s) for s in video.sequences]
+    if size is None:
+        size = max(min(video.sequences[0].frame(0).shape[-2:]), least) // vit.patch_size * vit.patch_size
+    check_size(size, vit.patch_size)
 
     def compute():
         feats = []
         with ProgressLine(sum(lengths), f"patch features {spec}") as progress:
             for seq in video.sequences:
+                grid = video_grid(*seq.frame(0).shape[-2:], size, vit.patch_size)
                 for t in range(0, len(seq), BATCH):
-                    frames = [seq.frame(k) for k in range(t, min(t + BATCH, len(seq)))]
-                    x = model_input(frames, size, mean, std).to(device)
-                    patch, _ = vit.get_intermediate_layers(x, n=1, reshape=True, return_class_token=True)[0]
-                    feats.append(patch.permute(0, 2, 3, 1).half().cpu())
+                    frames = [seq.frame(k).float().unsqueeze(0) / 255.0 for k in range(t, min(t + BATCH, len(seq)))]
+                    x = torch.cat([F.interpolate(f, size=grid, mode="bicubic", align_corners=False, antialias=True)
+                                   for f in frames]).clamp(0, 1)
+                    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+                    patch, _ = vit.get_intermediate_layers(x.to(device), n=1, reshape=True, return_class_token=True)[0]
+                    feats.append(patch.permute(0, 2, 3, 1).half().cpu().flatten(1, 2))
                     progress.update(len(frames))
         return {"patch": torch.cat(feats)}, torch.tensor(lengths)
 
-    stored, _ = cache.get(spec, "video", VideoIdentity(video, sum(lengths)), compute, kind="video", size=size,
+    stored, _ = cache.get(spec, "video", VideoIdentity(video, sum(lengths)), compute, kind="video-frames", size=size,
                           mean=list(mean), std=list(std))
     out, start = [], 0
     for seq, n in zip(video.sequences, lengths):
-        frames = torch.cat([square(seq.frame(t).unsqueeze(0).float(), size, "bicubic") for t in range(n)])
-        masks = [None if (m := seq.mask(t)) is None else label_map(m, size) for t in range(n)]
-        out.append(VideoFeatures(seq.name, stored["patch"][start : start + n].float(),
-                                 frames.clamp(0, 255).round().to(torch.uint8), masks))
+        h, w = (g // vit.patch_size for g in video_grid(*seq.frame(0).shape[-2:], size, vit.patch_size))
+        out.append(VideoFeatures(seq.name, stored["patch"][start : start + n].float().unflatten(1, (h, w)),
+                                 torch.stack([seq.frame(t) for t in range(n)]), [seq.mask(t) for t in range(n)]))
         start += n
-    return out
+    return out, size
 
 
 class VideoIdentity:

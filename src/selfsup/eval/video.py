@@ -143,13 +143,15 @@ def upsample_labels(soft: torch.Tensor, size: tuple[int, int], patch: int | None
     return labels.long().to(soft.device)
 
 
-def labels_to_patches(mask: torch.Tensor, n_objects: int, patch: int) -> torch.Tensor:
-    """Integer mask [H, W] (0 = background, 1..n_objects) -> one-hot [n_objects + 1, H // patch, W // patch]:
-    PIL nearest-neighbour downsampling then one-hot, as the reference's read_seg and to_one_hot."""
+def labels_to_patches(mask: torch.Tensor, n_objects: int, patch: int,
+                      grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Integer mask [H, W] (0 = background, 1..n_objects) -> one-hot [n_objects + 1, h, w] on the feature grid
+    (default H // patch x W // patch): PIL nearest-neighbour resize of the original mask to the grid, then
+    one-hot, as the reference's read_seg and to_one_hot."""
     if mask.dim() != 2 or patch < 1 or n_objects < 0:
         raise UserError(f"labels_to_patches needs a mask [H, W], patch >= 1 and n_objects >= 0, got "
                         f"{tuple(mask.shape)}, patch={patch}, n_objects={n_objects}")
-    h, w = mask.shape[0] // patch, mask.shape[1] // patch
+    h, w = grid if grid is not None else (mask.shape[0] // patch, mask.shape[1] // patch)
     if h < 1 or w < 1:
         raise UserError(f"a mask of {tuple(mask.shape)} is smaller than one patch of {patch}")
     lo, hi = int(mask.min()), int(mask.max())
