@@ -39,6 +39,11 @@ def square(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 def model_input(images: list[torch.Tensor], size: int, mean, std) -> torch.Tensor:
     """uint8 images [3, H, W] of any sizes -> one normalised batch [B, 3, size, size]."""
     x = torch.cat([square(img.float().unsqueeze(0) / 255.0, size, "bicubic").clamp(0, 1) for img in images])
+    return normalise(x, mean, std)
+
+
+def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """[B, 3, H, W] in 0..1 -> the model's input, by the backbone's mean and std."""
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
@@ -135,8 +140,8 @@ def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | No
                     frames = [seq.frame(k).float().unsqueeze(0) / 255.0 for k in range(t, min(t + BATCH, len(seq)))]
                     x = torch.cat([F.interpolate(f, size=grid, mode="bicubic", align_corners=False, antialias=True)
                                    for f in frames]).clamp(0, 1)
-                    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-                    patch, _ = vit.get_intermediate_layers(x.to(device), n=1, reshape=True, return_class_token=True)[0]
+                    x = normalise(x, mean, std).to(device)
+                    patch, _ = vit.get_intermediate_layers(x, n=1, reshape=True, return_class_token=True)[0]
                     feats.append(patch.permute(0, 2, 3, 1).half().cpu().flatten(1, 2))
                     progress.update(len(frames))
         return {"patch": torch.cat(feats)}, torch.tensor(lengths)
