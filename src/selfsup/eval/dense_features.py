@@ -130,12 +130,12 @@ def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | No
     if size is None:
         size = max(min(video.sequences[0].frame(0).shape[-2:]), least) // vit.patch_size * vit.patch_size
     check_size(size, vit.patch_size)
+    grids = [video_grid(*seq.frame(0).shape[-2:], size, vit.patch_size) for seq in video.sequences]
 
     def compute():
         feats = []
         with ProgressLine(sum(lengths), f"patch features {spec}") as progress:
-            for seq in video.sequences:
-                grid = video_grid(*seq.frame(0).shape[-2:], size, vit.patch_size)
+            for seq, grid in zip(video.sequences, grids):
                 for t in range(0, len(seq), BATCH):
                     frames = [seq.frame(k).float().unsqueeze(0) / 255.0 for k in range(t, min(t + BATCH, len(seq)))]
                     x = torch.cat([F.interpolate(f, size=grid, mode="bicubic", align_corners=False, antialias=True)
@@ -149,8 +149,8 @@ def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | No
     stored, _ = cache.get(spec, "video", VideoIdentity(video, sum(lengths)), compute, kind="video-frames", size=size,
                           mean=list(mean), std=list(std))
     out, start = [], 0
-    for seq, n in zip(video.sequences, lengths):
-        h, w = (g // vit.patch_size for g in video_grid(*seq.frame(0).shape[-2:], size, vit.patch_size))
+    for seq, n, grid in zip(video.sequences, lengths, grids):
+        h, w = (g // vit.patch_size for g in grid)
         out.append(VideoFeatures(seq.name, stored["patch"][start : start + n].float().unflatten(1, (h, w)),
                                  torch.stack([seq.frame(t) for t in range(n)]), [seq.mask(t) for t in range(n)]))
         start += n
