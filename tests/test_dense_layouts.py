@@ -164,9 +164,10 @@ def test_davis_frames_and_masks_in_order(tmp_path):
         assert frame.shape == (3, H, W) and abs(frame.float().mean().item() - (40 * t + 20)) < 2
     assert walk.mask(1) is None
     for t in (0, 2):
-        want = masks["walk"][t].astype(np.int64)
+        want = masks["walk"][t].astype(np.uint8)
         want[want == 255] = 0  # void counts as background
-        assert torch.equal(walk.mask(t), torch.from_numpy(want))
+        got = walk.mask(t)
+        assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(want))  # uint8: DAVIS val is 2,000 masks
     (tmp_path / "ImageSets" / "2017" / "val.txt").unlink()  # no list: every sequence, sorted
     assert [s.name for s in open_video(tmp_path, "test").sequences] == ["bike", "walk"]
 

@@ -33,7 +33,7 @@ from ..eval.lowshot import lowshot
 from ..eval.retrieval import retrieval_scores
 from ..eval.run import frozen_features
 from ..eval.segment import linear_segmentation, segmentation_input
-from ..viz.dense import attention_mask_figure, depth_figure, save_masks, segmentation_figure, video_figure
+from ..viz.dense import attention_mask_figure, depth_figure, save_masks, segmentation_figure, video_figure, video_rows
 from ..weights import Loaded, load
 
 log = logging.getLogger("selfsup")
@@ -264,23 +264,24 @@ def video(t: Target, n_last: int = 7, topk: int = 5, radius: int = 12) -> dict:
     png = t.figure("video")
     out_dir = png.with_suffix("") if png is not None else None
     per_seq, shown = [], []
-    for s in seqs:
-        if s.masks[0] is None:
+    for s in seqs:  # one sequence's masks at a time, uint8 at the frames' own size (DAVIS val: 2,000 frames)
+        masks = [s.sequence.mask(t) for t in range(len(s.sequence))]
+        if masks[0] is None:
             raise UserError(f"{videos.name}/{s.name}: the first frame has no annotation to propagate")
-        n_objects = int(s.masks[0].max())
-        first = labels_to_patches(s.masks[0], n_objects, patch, grid=tuple(s.patch.shape[1:3]))
+        n_objects = int(masks[0].max())
+        first = labels_to_patches(masks[0], n_objects, patch, grid=tuple(s.patch.shape[1:3]))
         soft = propagate(list(s.patch), first, n_last, topk, radius)
-        preds = [s.masks[0]] + [upsample_labels(p, tuple(s.masks[0].shape), patch) for p in soft[1:]]
-        scored = [i for i, m in enumerate(s.masks) if m is not None]  # frames with a ground truth
+        preds = [masks[0]] + [upsample_labels(p, tuple(masks[0].shape), patch).to(torch.uint8) for p in soft[1:]]
+        scored = [i for i, m in enumerate(masks) if m is not None]  # frames with a ground truth
         if len(scored) < 3:  # DAVIS scores neither the first nor the last frame
             log.warning("%s: %d annotated frame(s), fewer than 3: not scored", s.name, len(scored))
             continue
-        per_seq.append({"sequence": s.name, **j_and_f([preds[i] for i in scored], [s.masks[i] for i in scored],
+        per_seq.append({"sequence": s.name, **j_and_f([preds[i] for i in scored], [masks[i] for i in scored],
                                                       n_objects)})
         if out_dir is not None:
             save_masks(preds, out_dir / s.name)
         if len(shown) < 3:
-            shown.append((s, preds))
+            shown.append(video_rows(s.sequence, masks, preds))
     if not per_seq:
         raise UserError(f"--data {t.data}: no sequence has 3 annotated frames to score (DAVIS skips the first "
                         "and the last)")

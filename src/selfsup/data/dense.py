@@ -80,7 +80,7 @@ class VideoSequence:
         raise NotImplementedError
 
     def mask(self, t: int) -> torch.Tensor | None:
-        """int64 [H, W]: object id per pixel (0 = background); None where frame t has no annotation."""
+        """uint8 [H, W]: object id per pixel (0 = background); None where frame t has no annotation."""
         raise NotImplementedError
 
 
@@ -373,7 +373,7 @@ class DavisSequence(VideoSequence):
         path = self.masks[t]
         if path is None:
             return None
-        m = _read(path, ("P", "L"), "a palette (P) or 8-bit grayscale (L) PNG of object ids").astype(np.int64)
+        m = _read(path, ("P", "L"), "a palette (P) or 8-bit grayscale (L) PNG of object ids").astype(np.uint8)
         m[m == 255] = 0
         try:
             with Image.open(self.frames[t]) as im:

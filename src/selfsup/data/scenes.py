@@ -256,7 +256,7 @@ class SceneSequence(VideoSequence):
         parts = [compose(bg, [o.at(t, size) for o in objects], size) for t in range(frames)]
         self.name = f"scene{index:03d}"
         self.frames = [torch.from_numpy(p[0]) for p in parts]
-        self.masks = [torch.from_numpy(p[2].astype(np.int64)) for p in parts]
+        self.masks = [torch.from_numpy(p[2]) for p in parts]
 
     def __len__(self) -> int:
         return len(self.frames)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.errors import UserError
 from ..core.progress import ProgressLine
-from ..data.dense import DenseSource, VideoSource
+from ..data.dense import DenseSource, VideoSequence, VideoSource
 from ..nn.vit import require_vit
 from .cache import FeatureCache
 
@@ -105,9 +105,7 @@ def dense_features(vit: nn.Module, source: DenseSource, spec: str, split: str, s
 class VideoFeatures:
     name: str
     patch: torch.Tensor  # [T, h, w, D] (last block, normalised)
-    frames: torch.Tensor  # uint8 [T, 3, H, W]: the frames as read (for figures)
-    masks: list[torch.Tensor | None]  # per frame: int64 [H, W] object ids at the frames' own size, None where not
-    # annotated (DAVIS scores at the original resolution)
+    sequence: VideoSequence  # frames and masks at their own size, read when needed (DAVIS scores at that size)
 
 
 def video_grid(h: int, w: int, size: int, patch: int) -> tuple[int, int]:
@@ -151,8 +149,7 @@ def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | No
     out, start = [], 0
     for seq, n, grid in zip(video.sequences, lengths, grids):
         h, w = (g // vit.patch_size for g in grid)
-        out.append(VideoFeatures(seq.name, stored["patch"][start : start + n].float().unflatten(1, (h, w)),
-                                 torch.stack([seq.frame(t) for t in range(n)]), [seq.mask(t) for t in range(n)]))
+        out.append(VideoFeatures(seq.name, stored["patch"][start : start + n].float().unflatten(1, (h, w)), seq))
         start += n
     return out, size
 

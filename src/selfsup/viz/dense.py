@@ -93,16 +93,20 @@ def depth_figure(f, pred: torch.Tensor, source, size: int, path: Path) -> None:
     grid(rows, path, "linear depth probe on frozen patch tokens (near = dark)", "magma")
 
 
-def video_figure(sequences: list, path: Path, frames: int = 6) -> None:
-    """Per sequence: frames with the ground truth, then with the propagated masks."""
-    rows = []
-    for s, preds in sequences:
-        picks = np.linspace(0, len(preds) - 1, min(frames, len(preds))).round().astype(int)
-        images = [s.frames[t].permute(1, 2, 0).numpy() / 255.0 for t in picks]
-        truth = [s.masks[t] if s.masks[t] is not None else torch.zeros_like(preds[0]) for t in picks]
-        rows.append([(overlay(im, m), f"{s.name} t={t} truth") for im, m, t in zip(images, truth, picks)])
-        rows.append([(overlay(im, preds[t]), f"t={t} propagated") for im, t in zip(images, picks)])
-    grid(rows, path, "video label propagation: the first frame's mask carried by patch-feature k-NN")
+def video_rows(seq, masks: list, preds: list, frames: int = 6) -> list:
+    """One sequence's two rows of the video figure, on `frames` evenly spaced frames (only those are decoded):
+    the frames with the ground truth, then with the propagated masks."""
+    picks = np.linspace(0, len(preds) - 1, min(frames, len(preds))).round().astype(int)
+    images = [seq.frame(t).permute(1, 2, 0).numpy() / 255.0 for t in picks]
+    truth = [masks[t] if masks[t] is not None else torch.zeros_like(preds[0]) for t in picks]
+    return [[(overlay(im, m), f"{seq.name} t={t} truth") for im, m, t in zip(images, truth, picks)],
+            [(overlay(im, preds[t]), f"t={t} propagated") for im, t in zip(images, picks)]]
+
+
+def video_figure(sequences: list, path: Path) -> None:
+    """video_rows of each shown sequence, one under the other."""
+    grid([row for rows in sequences for row in rows], path,
+         "video label propagation: the first frame's mask carried by patch-feature k-NN")
 
 
 def save_masks(masks: list[torch.Tensor], folder: Path) -> None:
