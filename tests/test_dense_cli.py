@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_dense_layouts import ids, make_davis, make_depth, make_voc, palette_png
+from test_dense_layouts import ids, make_davis, make_depth, make_voc, palette_png, rgb
 
 from selfsup.cli import main
 from selfsup.config import Config, apply
@@ -66,6 +66,15 @@ def test_segment_and_video_read_the_voc_and_davis_layouts(tiny, tmp_path, capsys
     assert r["size"] == 64
     written = sorted(Path(r["masks"], "walk").glob("*.png"))
     assert len(written) == 3 and all(Image.open(f).size == (24, 20) for f in written)
+    # sequences of different frame sizes in one set (a portrait 'ride' read at 128 x 64, walk at 64 x 64), each on
+    # its own grid
+    for t in range(3):
+        rgb(tmp_path / "davis" / "JPEGImages" / "480p" / "ride" / f"{t:05d}.jpg", size=(40, 16))
+        palette_png(tmp_path / "davis" / "Annotations" / "480p" / "ride" / f"{t:05d}.png", ids(t, 2, (40, 16)))
+    (tmp_path / "davis" / "ImageSets" / "2017" / "val.txt").write_text("walk\nride\n")
+    r = run_json(capsys, "video", "--checkpoint", str(tiny), "--data", str(tmp_path / "davis"), "--no-cache")
+    assert [s["sequence"] for s in r["sequences"]] == ["walk", "ride"]
+    assert [Image.open(f).size for f in sorted(Path(r["masks"], "ride").glob("*.png"))] == [(16, 40)] * 3
     make_depth(tmp_path / "nyu", "train")
     make_depth(tmp_path / "nyu", "test")
     r = run_json(capsys, "depth", "--checkpoint", str(tiny), "--data", str(tmp_path / "nyu"), "--epochs", "1",

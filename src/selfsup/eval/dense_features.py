@@ -104,7 +104,7 @@ def dense_features(vit: nn.Module, source: DenseSource, spec: str, split: str, s
 @dataclass
 class VideoFeatures:
     name: str
-    patch: torch.Tensor  # [T, h, w, D] (last block, normalised)
+    patch: torch.Tensor  # half [T, h, w, D] (last block, normalised): a view of the set's store
     sequence: VideoSequence  # frames and masks at their own size, read when needed (DAVIS scores at that size)
 
 
@@ -129,9 +129,10 @@ def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | No
         size = max(min(video.sequences[0].frame(0).shape[-2:]), least) // vit.patch_size * vit.patch_size
     check_size(size, vit.patch_size)
     grids = [video_grid(*seq.frame(0).shape[-2:], size, vit.patch_size) for seq in video.sequences]
+    tokens = [n * (g[0] // vit.patch_size) * (g[1] // vit.patch_size) for n, g in zip(lengths, grids)]
 
-    def compute():
-        feats = []
+    def compute():  # every frame's patch tokens, one row each, in one preallocated half-precision tensor
+        store, at = torch.empty(sum(tokens), vit.embed_dim, dtype=torch.half), 0
         with ProgressLine(sum(lengths), f"patch features {spec}") as progress:
             for seq, grid in zip(video.sequences, grids):
                 for t in range(0, len(seq), BATCH):
@@ -140,17 +141,18 @@ def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | No
                                    for f in frames]).clamp(0, 1)
                     x = normalise(x, mean, std).to(device)
                     patch, _ = vit.get_intermediate_layers(x, n=1, reshape=True, return_class_token=True)[0]
-                    feats.append(patch.permute(0, 2, 3, 1).half().cpu().flatten(1, 2))
+                    rows = patch.permute(0, 2, 3, 1).flatten(0, 2).half().cpu()
+                    store[at : at + len(rows)], at = rows, at + len(rows)
                     progress.update(len(frames))
-        return {"patch": torch.cat(feats)}, torch.tensor(lengths)
+        return {"patch": store}, torch.tensor(lengths)
 
-    stored, _ = cache.get(spec, "video", VideoIdentity(video, sum(lengths)), compute, kind="video-frames", size=size,
+    stored, _ = cache.get(spec, "video", VideoIdentity(video, sum(lengths)), compute, kind="video-tokens", size=size,
                           mean=list(mean), std=list(std))
     out, start = [], 0
-    for seq, n, grid in zip(video.sequences, lengths, grids):
+    for seq, n, grid, count in zip(video.sequences, lengths, grids, tokens):
         h, w = (g // vit.patch_size for g in grid)
-        out.append(VideoFeatures(seq.name, stored["patch"][start : start + n].float().unflatten(1, (h, w)), seq))
-        start += n
+        out.append(VideoFeatures(seq.name, stored["patch"][start : start + count].view(n, h, w, -1), seq))
+        start += count
     return out, size
 
 
