@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from selfsup.errors import UserError
 from selfsup.eval.copydetect import (_DISTORTIONS, Whitening, average_precision, copy_map, descriptor, distort,
                                      gem)
-from selfsup.eval.dense_features import video_grid
+from selfsup.config import Config, apply
+from selfsup.data.dense import VideoSequence, VideoSource
+from selfsup.eval.cache import FeatureCache
+from selfsup.eval.dense_features import video_features, video_grid
+from selfsup.nn import backbone_from_config
 from selfsup.eval.video import (boundary_f, j_and_f, labels_to_patches, neighbourhood_mask, propagate, region_j,
                                 summarise, upsample_labels)
 
@@ -127,6 +131,36 @@ def test_video_frames_keep_their_aspect_as_dino_reads_davis():
     assert video_grid(480, 854, 240, 8) == (240, 384)  # 427 -> 384
     assert video_grid(480, 854, 476, 14) == (476, 840)  # 64 is no multiple of 14: the patch's multiple, 846 -> 840
     assert video_grid(20, 24, 16, 16) == (16, 16)  # under 64 pixels: the patch's multiple
+
+
+def test_video_features_are_the_forward_pass_without_autograd():
+    class Frames(VideoSequence):
+        name = "toy"
+
+        def __len__(self) -> int:
+            return 3
+
+        def frame(self, t: int) -> torch.Tensor:
+            return torch.full((3, 32, 48), 40 * t, dtype=torch.uint8)
+
+        def mask(self, t: int) -> None:
+            return None
+
+    class Toy(VideoSource):
+        name, files, sequences = "toy", None, [Frames()]
+
+    cfg = Config()
+    apply(cfg, {"backbone": {"arch": "vit_tiny", "patch_size": 16, "depth": 1, "img_size": 32}}, "test")
+    torch.manual_seed(0)
+    vit = backbone_from_config(cfg.backbone)
+    (out,), size = video_features(vit, Toy(), "toy", None, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"),
+                                  FeatureCache(None, "toy"))
+    # a graph kept per batch held every batch's activations: 10 GB for 120 DAVIS-sized frames
+    assert size == 32 and out.patch.shape == (3, 2, 3, 192) and not out.patch.requires_grad
+    x = (torch.full((1, 3, 32, 48), 80 / 255) - 0.5) / 0.25  # frame 2, already on its 32 x 48 grid
+    with torch.no_grad():
+        want = vit.get_intermediate_layers(x, n=1, reshape=True)[0][0].permute(1, 2, 0)
+    assert torch.allclose(out.patch[2].float(), want, atol=1e-2)
 
 
 # ---------------------------------------------------------------- DAVIS metrics

@@ -118,6 +118,7 @@ def video_grid(h: int, w: int, size: int, patch: int) -> tuple[int, int]:
     return (size, long) if h <= w else (long, size)
 
 
+@torch.no_grad()
 def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | None, mean, std, device,
                    cache: FeatureCache, least: int = 0) -> tuple[list[VideoFeatures], int]:
     """Last-block patch features of every frame of every sequence (one cache entry for the whole set), and the
