@@ -256,8 +256,8 @@ def video(t: Target, n_last: int = 7, topk: int = 5, radius: int = 12) -> dict:
     from ..eval.video import j_and_f, labels_to_patches, propagate, summarise, upsample_labels  # scipy: start-up
     if n_last < 0 or topk < 1 or radius < 1:
         raise UserError("video: --n-last must be >= 0, --topk and --radius >= 1")
-    loaded, device = t.loaded(rgb="eval video")
-    cache, what, videos = t.feature_cache(), t.what(loaded), open_videos(t.data)
+    loaded, device, cache, _, what = _dense(t, "video")  # the size: video_features' own default, not _dense's
+    videos = open_videos(t.data)
     seqs, size = video_features(loaded.backbone, videos, t.data, t.size, loaded.mean, loaded.std, device, cache,
                                 least=loaded.image_size)
     patch = loaded.backbone.patch_size

@@ -126,10 +126,11 @@ def video_features(vit: nn.Module, video: VideoSource, spec: str, size: int | No
     no less than `least` (the training size)."""
     vit = require_vit(vit, "video propagation").to(device).eval()
     lengths = [len(s) for s in video.sequences]
+    shapes = [seq.frame(0).shape[-2:] for seq in video.sequences]  # each sequence's first frame, decoded once
     if size is None:
-        size = max(min(video.sequences[0].frame(0).shape[-2:]), least) // vit.patch_size * vit.patch_size
+        size = max(min(shapes[0]), least) // vit.patch_size * vit.patch_size
     check_size(size, vit.patch_size)
-    grids = [video_grid(*seq.frame(0).shape[-2:], size, vit.patch_size) for seq in video.sequences]
+    grids = [video_grid(*shape, size, vit.patch_size) for shape in shapes]
     tokens = [n * (g[0] // vit.patch_size) * (g[1] // vit.patch_size) for n, g in zip(lengths, grids)]
 
     def compute():  # every frame's patch tokens, one row each, in one preallocated half-precision tensor

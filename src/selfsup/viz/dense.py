@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.dense import VideoSequence
 from ..eval.dense_features import square
 from .attention import mass_mask, upsample
 
@@ -93,7 +94,7 @@ def depth_figure(f, pred: torch.Tensor, source, size: int, path: Path) -> None:
     grid(rows, path, "linear depth probe on frozen patch tokens (near = dark)", "magma")
 
 
-def video_rows(seq, masks: list, preds: list, frames: int = 6) -> list:
+def video_rows(seq: VideoSequence, masks: list, preds: list, frames: int = 6) -> list:
     """One sequence's two rows of the video figure, on `frames` evenly spaced frames (only those are decoded):
     the frames with the ground truth, then with the propagated masks."""
     picks = np.linspace(0, len(preds) - 1, min(frames, len(preds))).round().astype(int)
