@@ -86,3 +86,19 @@ def test_k_bad_steps_in_a_row_stop_the_run_with_its_checkpoint_intact(tmp_path):
     assert path.name == "checkpoint-00000004.pt"  # step 4 was skipped: the checkpoint holds the state of step 3
     assert found["skipped_steps"] == 1
     assert all(torch.isfinite(v).all() for v in found["method_state"].values() if v.is_floating_point())
+
+
+def test_short_epochs_are_checkpointed_and_logged_every_few_epochs(tmp_path, monkeypatch, caplog):
+    import numpy as np
+    from PIL import Image
+
+    from selfsup.training import trainer
+    for i in range(16):  # batch 8: two steps an epoch
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(trainer, "EPOCH_END_STEPS", 5)  # epoch ends at least 5 steps apart: every 3rd epoch
+    cfg = tiny_config(steps=14, data={"source": str(tmp_path)}, train={"keep_last": 20})
+    with caplog.at_level("INFO", logger="selfsup"):
+        Trainer(cfg, tmp_path / "run").fit()
+    assert [p.name for p in ckpt.checkpoints(tmp_path / "run")] == [
+        "checkpoint-00000006.pt", "checkpoint-00000012.pt", "checkpoint-00000014.pt"]
+    assert [r.getMessage() for r in caplog.records if "done" in r.getMessage()] == ["epoch 3/7 done", "epoch 6/7 done"]

@@ -473,7 +473,7 @@ class TrainConfig:
     # auto | flash | math | efficient: the scaled_dot_product_attention backend
     attention: str = checked("auto", OneOf(("auto", "flash", "math", "efficient")))
     log_every: int = checked(10, AT_LEAST_1)
-    checkpoint_every: int = checked(0, NON_NEGATIVE)  # steps; 0: at each epoch end
+    checkpoint_every: int = checked(0, NON_NEGATIVE)  # steps; 0: at epoch ends, at least 100 steps apart
     keep_last: int = checked(2, AT_LEAST_1)
     threads: int | None = checked(None, AT_LEAST_1)  # torch CPU threads; default: what torch chooses
     max_bad_steps: int = checked(10, AT_LEAST_1)  # stop after this many non-finite losses in a row

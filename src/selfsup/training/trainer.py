@@ -64,6 +64,7 @@ def training_source(spec: str):
     return open_source(spec, "train") if src.labelled else src
 
 
+EPOCH_END_STEPS = 100  # epoch ends are checkpointed and logged at least this many steps apart
 HIGHRES_EPOCH = 1_000_000  # the data epochs of the high-resolution stage count from here
 
 
@@ -392,7 +393,9 @@ class Trainer:
                     if self.step >= end:
                         break
                 first_stage = batches is self.batches
-                passed = (self.step - (0 if first_stage else self.highres_start)) % len(batches) == 0  # epoch's end
+                done = self.step - (0 if first_stage else self.highres_start)  # steps into this stage
+                # an epoch's end, every few epochs where epochs are short (a folder of 30 images: one in 34)
+                passed = done % (len(batches) * math.ceil(EPOCH_END_STEPS / len(batches))) == 0
                 stage_end = self.step == self.highres_start  # checkpointed whatever train.checkpoint_every
                 if self.step < self.total_steps and (stage_end or (passed and not cfg.train.checkpoint_every)):
                     self.checkpoint()
