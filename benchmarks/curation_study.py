@@ -6,9 +6,12 @@ ground truth.
     python benchmarks/curation_study.py build --out /tmp/cal --seed 1 # a calibration pool, made alike
     selfsup train --config dino_mnist5k --data /tmp/cur/pool --time 12m --out /tmp/dino   # the backbone
     selfsup curate --checkpoint /tmp/dino --pool /tmp/cal/pool --dedup --dedup-threshold T \
-        --dedup-crops 0.95,0.9,0.85,0.8 --protect /tmp/cal/evalset/test --out /tmp/cal/dedup-T
+        --dedup-crops 0.95,0.9,0.85,0.8 --dedup-grid 3 --protect /tmp/cal/evalset/test \
+        --protect-threshold 0.78 --out /tmp/cal/dedup-T
     python benchmarks/curation_study.py score --out /tmp/cal          # precision and recall of each T
-    ... then on /tmp/cur with the chosen T: dedup/, retrieve/, balance/, random/ (see the README)
+    ... then on /tmp/cur with the chosen T (the same flags): dedup-T/; with --curated /tmp/cur/curated
+    --per-query 4, retrieve/; with --balance 2000 [--levels 300,30,10], balance/; a random 2,000 of the pool
+    (numpy default_rng(0)) listed in random/selected.txt
     python benchmarks/curation_study.py score --out /tmp/cur
 
 Fashion-MNIST comes from `apt-get install dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist). `score`
@@ -32,6 +35,7 @@ CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", 
 HEAD, ALPHA = 3000, 1.2  # the pool: n_c = HEAD * rank^-ALPHA images of the class of rank c (1-based)
 N_COPIES, N_EVAL_COPIES = 400, 100  # near-duplicates of pool images; copies of evaluation images put in the pool
 CURATED_CLASSES, N_CURATED = (5, 8, 9), 50  # the curated set: 50 images of each of three of the rarest classes
+LOOK_ALIKE = 0.1  # RMS: originals this close are one image twice (a cropped copy lies at a median 0.17)
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -64,6 +68,23 @@ def distort(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]
     return np.asarray(im), "+".join(sorted(kinds))
 
 
+def distinct(x: np.ndarray, ids: np.ndarray, n: int) -> list[int]:
+    """The first n of ids whose images lie farther than LOOK_ALIKE (RMS, pixels in 0..1) from every one taken
+    before: Fashion-MNIST holds look-alikes closer to each other than an injected copy is to its source, and the
+    truth must not count them as distinct images."""
+    cand = ids[: 2 * n]
+    f = x[cand].reshape(len(cand), -1).astype(np.float32) / 255
+    sq = (f * f).sum(1)
+    rms = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * f @ f.T, 0) / f.shape[1])
+    taken: list[int] = []
+    for k in range(len(cand)):
+        if len(taken) == n:
+            break
+        if not taken or rms[k, taken].min() > LOOK_ALIKE:
+            taken.append(k)
+    return [int(cand[k]) for k in taken]
+
+
 def build(out: Path, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     x, y = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
@@ -79,7 +100,7 @@ def build(out: Path, seed: int = 0) -> None:
 
     pool = []
     for rank, c in enumerate(order, 1):
-        for i in by_class[c][: round(HEAD * rank ** -ALPHA)]:
+        for i in distinct(x, by_class[c], round(HEAD * rank ** -ALPHA)):
             pool.append(save(out / "pool", f"{i:05d}.png", x[i]))
             truth[pool[-1]] = {"class": int(c)}
     for k, src in enumerate(rng.choice(pool, N_COPIES, replace=False)):  # near-duplicates within the pool
@@ -138,9 +159,9 @@ def score(out: Path) -> dict:
                               "protect_others_removed": len(protected - set(leaks))}
     share = lambda names: 100 * np.mean([truth[n]["class"] in CURATED_CLASSES for n in names])  # noqa: E731
     result["curated_share_pool"] = float(share(list(truth)))
-    for name in ("retrieve", "balance", "random"):
-        sel = out / name / "selected.txt"
-        if sel.exists():
+    for sel in sorted(out.glob("*/selected.txt")):  # retrieve/, balance/ (and variants such as balance-default/), random/
+        name = sel.parent.name
+        if not name.startswith("dedup"):
             names = [n for n in sel.read_text().split() if n in truth]
             classes = [truth[n]["class"] for n in names]
             result[name] = {"n": len(names), "curated_share": float(share(names)), "entropy": entropy(classes),

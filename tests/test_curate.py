@@ -8,6 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from selfsup import curate as cu
@@ -68,6 +69,12 @@ def test_crop_views_find_what_whole_images_miss():
     assert crops[1][0, 0, 0, 0] < crops[4][0, 0, -1, -1]  # top-left and bottom-right corners
     with pytest.raises(cu.UserError, match="area in"):
         cu.crop_views(imgs, 1.0)
+    grid = cu.crop_views(imgs, 0.64, grid=3)  # 8 x 8 crops at rows and columns 0, 1, 2, row by row
+    assert len(grid) == 9 and all(c.shape == imgs.shape for c in grid)
+    for k, (t, l) in enumerate((t, l) for t in (0, 1, 2) for l in (0, 1, 2)):
+        want = F.interpolate(imgs[..., t:t + 8, l:l + 8], size=(10, 10), mode="bicubic", antialias=True)
+        assert torch.equal(grid[k], want)
+    assert torch.equal(grid[4], crops[0]) and torch.equal(grid[0], crops[1])  # centre and top-left of FiveCrop
 
 
 def test_protect_and_per_query_retrieval():
@@ -299,6 +306,8 @@ def test_curate_builtin_pool_names_and_bad_inputs(tmp_path, export, capsys):
         (["--pool", "digits", "--balance", "0"], "--balance 0: expected at least 1"),
         (["--pool", "digits", "--dedup", "--dedup-crops", "0.9,1.2"], "expected distinct area fractions"),
         (["--pool", "digits", "--dedup-crops", "0.9"], "give one of them"),
+        (["--pool", "digits", "--dedup", "--dedup-grid", "3"], "give --dedup-crops AREAS"),
+        (["--pool", "digits", "--dedup", "--dedup-crops", "0.9", "--dedup-grid", "1"], "at least 2 positions"),
         (["--pool", "digits", "--balance", "10", "--levels", "3,8"], "decreasing"),
         (["--pool", str(tmp_path / "missing")], "no such file or directory"),
     ]

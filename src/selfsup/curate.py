@@ -138,15 +138,22 @@ def similar_pairs(x: torch.Tensor, threshold: float, use_faiss: bool | None = No
     return np.unique(out, axis=0) if len(out) else np.zeros((0, 2), np.int64)
 
 
-def crop_views(x: torch.Tensor, area: float) -> list[torch.Tensor]:
-    """Five crops of images [N, C, H, W] (centre, then the four corners, as torchvision's FiveCrop), each keeping
-    `area` of the image and resized back to H x W (bicubic, antialiased): the query-side views of copy
-    detection, which make a crop of an image comparable with its whole."""
-    if not 0.0 < area < 1.0 or x.dim() != 4:
-        raise UserError(f"crop views need images [N, C, H, W] and an area in (0, 1), got {tuple(x.shape)}, {area}")
+def crop_views(x: torch.Tensor, area: float, grid: int | None = None) -> list[torch.Tensor]:
+    """Crops of images [N, C, H, W], each keeping `area` of the image and resized back to H x W (bicubic,
+    antialiased): the query-side views of copy detection, which make a crop of an image comparable with its
+    whole. By default five (centre, then the four corners, as torchvision's FiveCrop); with `grid` k, a k x k
+    grid of evenly spaced positions (row by row; k = 3 adds the edges' middles), which aligns better with a copy
+    cropped anywhere."""
+    if not 0.0 < area < 1.0 or x.dim() != 4 or (grid is not None and grid < 2):
+        raise UserError(f"crop views need images [N, C, H, W], an area in (0, 1) and a grid of at least 2, got "
+                        f"{tuple(x.shape)}, {area}, {grid}")
     h, w = x.shape[-2:]
     ch, cw = max(1, round(h * area ** 0.5)), max(1, round(w * area ** 0.5))
-    corners = [((h - ch) // 2, (w - cw) // 2), (0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)]
+    if grid is None:
+        corners = [((h - ch) // 2, (w - cw) // 2), (0, 0), (0, w - cw), (h - ch, 0), (h - ch, w - cw)]
+    else:
+        tops, lefts = (np.linspace(0, m, grid).round().astype(int).tolist() for m in (h - ch, w - cw))
+        corners = [(t, l) for t in tops for l in lefts]
     return [F.interpolate(x[..., t:t + ch, l:l + cw], size=(h, w), mode="bicubic", antialias=True,
                           align_corners=False) for t, l in corners]
 

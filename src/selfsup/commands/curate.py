@@ -59,6 +59,10 @@ def register(sub) -> None:
                    "corners) of each image at each area fraction given, e.g. 0.9,0.8, and count a pair when a crop of "
                    "one is close to the other; finds cropped copies that whole-image descriptors miss, at 1 + 5 x "
                    "(number of areas) forward passes per pool and protected image (default: whole images only)")
+    p.add_argument("--dedup-grid", type=int, metavar="K",
+                   help="with --dedup-crops: crops at K x K evenly spaced positions instead of the centre and corners "
+                   "(K = 3 adds the edges' middles); aligns with copies cropped anywhere, at 1 + K^2 x (number of "
+                   "areas) forward passes per image")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--per-query", type=int, metavar="K", help="keep the K nearest pool images of each curated image")
     mode.add_argument("--clusters", type=int, metavar="N", help="k-means the pool into N clusters, keep those "
@@ -99,6 +103,11 @@ def check(args: argparse.Namespace) -> None:
         args.dedup_crops = parse_areas(args.dedup_crops)
         if not args.dedup and not args.protect:
             raise UserError("--dedup-crops describes crops for --dedup and --protect: give one of them")
+    if args.dedup_grid is not None:
+        if args.dedup_crops is None:
+            raise UserError("--dedup-grid places the crops of --dedup-crops: give --dedup-crops AREAS")
+        if args.dedup_grid < 2:
+            raise UserError(f"--dedup-grid {args.dedup_grid}: expected at least 2 positions per side")
     if args.curated and args.per_query is None and args.clusters is None:
         raise UserError("--curated: choose how to retrieve, --per-query K or --clusters N")
     if (args.per_query is not None or args.clusters is not None) and not args.curated:
@@ -164,9 +173,9 @@ class Embedder:
         self.backbone = self.loaded.backbone.to(self.device).eval()
         self.cache = FeatureCache(None if args.no_cache else cache_folder(args.checkpoint), args.checkpoint)
 
-    def __call__(self, spec: str, role: str, crops: list[float] | None = None):
+    def __call__(self, spec: str, role: str, crops: list[float] | None = None, grid: int | None = None):
         """(source, features): "cls" and "gem" [N, D] of the evaluation view; with `crops`, also "cls@a/k" and
-        "gem@a/k" of crop k (0-4, `crop_views`) at area a of that view."""
+        "gem@a/k" of crop k (`crop_views` with `grid`) at area a of that view."""
         source = open_source(spec)
         loaded = self.loaded
 
@@ -177,13 +186,15 @@ class Embedder:
         def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
             out = dict(zip(("cls", "gem"), describe(x)))
             for a in crops or []:
-                for k, view in enumerate(cu.crop_views(x, a)):
+                for k, view in enumerate(cu.crop_views(x, a, grid)):
                     out[f"cls@{a}/{k}"], out[f"gem@{a}/{k}"] = describe(view)
             return out
 
         settings = {"size": loaded.image_size, "mean": list(loaded.mean), "std": list(loaded.std), "kind": "cls+gem"}
         if crops:
             settings["crops"] = list(crops)
+            if grid is not None:
+                settings["grid"] = grid
 
         def compute():  # resumable: a stopped embedding of a large pool goes on from its last saved rows
             return extract(forward, source, loaded.image_size, self.device, self.args.batch_size, loaded.mean,
@@ -240,11 +251,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     embed = Embedder(args)
     crops = args.dedup_crops if args.dedup or args.protect else None
-    pool_source, pool = embed(args.pool, "pool", crops)
+    pool_source, pool = embed(args.pool, "pool", crops, args.dedup_grid)
     names = item_names(args.pool, pool_source)
     n = len(names)
     curated = embed(args.curated, "curated") if args.curated else None
-    protected = [(spec, *embed(spec, "protected", crops)) for spec in args.protect]
+    protected = [(spec, *embed(spec, "protected", crops, args.dedup_grid)) for spec in args.protect]
     times["embed_s"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     alive = np.ones(n, dtype=bool)
