@@ -394,7 +394,7 @@ class Trainer:
                         break
                 first_stage = batches is self.batches
                 done = self.step - (0 if first_stage else self.highres_start)  # steps into this stage
-                # an epoch's end, every few epochs where epochs are short (a folder of 30 images: one in 34)
+                # an epoch's end, every few epochs where epochs are short (3-step epochs: one in 34)
                 passed = done % (len(batches) * math.ceil(EPOCH_END_STEPS / len(batches))) == 0
                 stage_end = self.step == self.highres_start  # checkpointed whatever train.checkpoint_every
                 if self.step < self.total_steps and (stage_end or (passed and not cfg.train.checkpoint_every)):
