@@ -157,7 +157,7 @@ def score(out: Path) -> dict:
         result[dedup.name] = {**dedup_scores(duplicates, truth),
                               "protected_copies_removed": f"{sum(k in protected for k in leaks)} of {len(leaks)}",
                               # a copy of a test image may go earlier, as a near-duplicate of a pool image
-                              "eval_copies_removed_any_step": f"{sum(k in protected | duplicates for k in leaks)} of {len(leaks)}",
+                              "eval_copies_removed_any_step": f"{len(set(leaks) & (protected | duplicates))} of {len(leaks)}",
                               "protect_others_removed": len(protected - set(leaks))}
     share = lambda names: 100 * np.mean([truth[n]["class"] in CURATED_CLASSES for n in names])  # noqa: E731
     result["curated_share_pool"] = float(share(list(truth)))
