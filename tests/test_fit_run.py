@@ -209,6 +209,34 @@ def test_time_budget_sets_the_steps_and_too_short_a_budget_is_one_line(tmp_path,
     assert "train.time=1s: too short" in line
 
 
+def test_a_time_budget_is_kept_when_steps_run_slower_than_the_trial_steps(tmp_path, monkeypatch):
+    """The plan fits 400 steps to 40 s (0.1 s a step), but the steps take 0.2 s (a clock that the steps move):
+    at step 100 the run is cut to the 200 steps that end at the planned time, schedules and config.yaml with it."""
+    cfg = tiny_config(steps=400)
+    cfg.train.time = "40s"
+    trainer = Trainer(cfg, tmp_path / "run")
+    now = [0.0]
+    trainer.clock = lambda: now[0]
+
+    def plan(t, *args):
+        t.train_until = 40.0
+        return []
+
+    monkeypatch.setattr("selfsup.training.trainer.plan_run", plan)
+    real = trainer.train_step
+
+    def step(views):
+        now[0] += 0.2
+        return real(views)
+
+    trainer.train_step = step
+    result = trainer.fit()
+    assert result["steps"] == trainer.total_steps == 200 and now[0] == pytest.approx(40.0)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optim"]["steps"] == 200
+    lr = trainer.schedules.lr
+    assert len(lr) == 200 and lr[-1] == pytest.approx(cfg.optim.min_lr, abs=1e-9) and lr[150] < lr[100]
+
+
 def test_running_out_of_memory_mid_run_is_one_line(tmp_path, monkeypatch):
     trainer = Trainer(tiny_config(steps=4), tmp_path / "run")
     monkeypatch.setattr("selfsup.training.trainer.plan_run", lambda *a, **k: [])

@@ -256,6 +256,7 @@ def plan_run(trainer, choose_batch: bool, budget_s: float | None, started: float
                             f"{format_duration(time.monotonic() - started)}, the final evaluation needs "
                             f"~{format_duration(trainer.eval_s)} and one step {step_s:.2f}s")
         cfg.optim.steps = steps
+        trainer.train_until = trainer.clock() + steps * step_s  # `Trainer.replan` keeps to it
         lines.append(f"time budget {cfg.train.time}: {steps:,} steps fit")
     trainer.schedule()
     loader = f"loader {1 / load_s:,.0f} img/s per worker x {workers}" if workers else "no loader workers"

@@ -65,6 +65,7 @@ def training_source(spec: str):
 
 
 EPOCH_END_STEPS = 100  # epoch ends are checkpointed and logged at least this many steps apart
+REPLAN_STEPS = 100  # with train.time, the run length is fitted again to the measured speed this often
 HIGHRES_EPOCH = 1_000_000  # the data epochs of the high-resolution stage count from here
 
 
@@ -109,6 +110,8 @@ class Trainer:
         self.watchdog = Watchdog(self.method.collapse_checks(), cfg.train.collapse_patience)
         self.eval_s = 0.0  # the final evaluation's expected seconds (from the trial steps)
         self.step_s = 0.0  # seconds per step: from the trial steps, then measured
+        self.train_until: float | None = None  # train.time: when the last step should end (`clock`), set by the plan
+        self.clock = time.monotonic
         self.collapse_warnings: list[dict] = []
         self.loggers = Loggers([])  # train.loggers, opened by `fit`
         self.step = 0
@@ -126,6 +129,11 @@ class Trainer:
         cfg, o = self.cfg, self.cfg.optim
         self.batches = make_batches(self.source, self.multicrop, o.batch_size, self.rank, self.world, cfg.train.seed)
         self.steps_per_epoch = len(self.batches)  # a pass over the data: checkpoints and the loader's epochs
+        self.lengths()
+
+    def lengths(self) -> None:
+        """The run length, the schedules over it and the high-resolution stage's start, from the config."""
+        cfg, o = self.cfg, self.cfg.optim
         self.total_steps, schedule_epoch = run_length(o, self.steps_per_epoch)
         self.schedules = Schedules.build(cfg, self.method.schedules(), self.total_steps, schedule_epoch)
         self.highres_start = self.total_steps  # the step the high-resolution stage begins at
@@ -348,6 +356,7 @@ class Trainer:
                    dynamic_ncols=True, desc=cfg.method)
         self.method.train()
         last_t = time.perf_counter()
+        mark = (self.step, self.clock())  # `replan` measures the speed from here: the mean over the run so far
         try:
             while self.step < self.total_steps:
                 batches, epoch, start, end = self.position()
@@ -387,10 +396,13 @@ class Trainer:
                                                         "continue with --resume")
                     if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
                         self.periodic_eval(metrics_file)
+                    if self.train_until is not None and self.step % REPLAN_STEPS == 0:
+                        self.replan(mark)
+                        bar.total = self.total_steps
                     every = cfg.train.checkpoint_every
                     if (every and self.step % every == 0) or self.step == self.total_steps:
                         self.checkpoint()
-                    if self.step >= end:
+                    if self.step >= min(end, self.total_steps):
                         break
                 first_stage = batches is self.batches
                 done = self.step - (0 if first_stage else self.highres_start)  # steps into this stage
@@ -406,6 +418,25 @@ class Trainer:
             bar.close()
             if metrics_file:
                 metrics_file.close()
+
+    def replan(self, mark: tuple[int, float]) -> None:
+        """train.time: fit the run's length again to the speed measured since `mark` (step, `clock`), so that the
+        last step still ends at `train_until` when the machine runs slower (or faster) than the trial steps did
+        (on 2 shared cores the loop ran at 0.14 s a step where the trial steps measured 0.10 s).
+        The schedules stretch or shrink with the length as they would have been planned; config.yaml records it
+        for --resume. A run with a high-resolution stage, whose steps have another speed, keeps its plan."""
+        steps, seconds = self.step - mark[0], self.clock() - mark[1]
+        if steps <= 0 or seconds <= 0 or self.highres is not None or self.step >= self.total_steps:
+            return
+        total = self.step + max(1, int((self.train_until - self.clock()) * steps / seconds))
+        if abs(total - self.total_steps) < max(1, 0.01 * self.total_steps):
+            return
+        log.info("step %d: %.3f s/step measured; %s steps now fit train.time=%s (planned %s)", self.step,
+                 seconds / steps, f"{total:,}", self.cfg.train.time, f"{self.total_steps:,}")
+        self.cfg.optim.steps = total
+        self.lengths()
+        if distributed.is_main():
+            save(self.cfg, self.out / "config.yaml", self.method.sections)
 
     def watch(self, m: dict[str, float], metrics_file) -> None:
         """The collapse watchdog: a warning in the log and metrics.jsonl; with train.stop_on_collapse, the end."""
