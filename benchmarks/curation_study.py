@@ -10,8 +10,9 @@ ground truth.
         --protect-threshold 0.78 --out /tmp/cal/dedup-T
     python benchmarks/curation_study.py score --out /tmp/cal          # precision and recall of each T
     ... then on /tmp/cur with the chosen T (the same flags): dedup-T/; with --curated /tmp/cur/curated
-    --per-query 4, retrieve/; with --balance 2000 [--levels 300,30,10], balance/; a random 2,000 of the pool
-    (numpy default_rng(0)) listed in random/selected.txt
+    --per-query 4, retrieve/; with --balance 2000 --seed S, balance-sS/ (S = 0 .. 4), and with the dedup and
+    protect flags too, balance-dedup/
+    python benchmarks/curation_study.py random --out /tmp/cur       # random-sS/: 2,000 at random, S = 0 .. 4
     python benchmarks/curation_study.py score --out /tmp/cur
 
 Fashion-MNIST comes from `apt-get install dataset-fashion-mnist` (/usr/share/datasets/fashion-mnist). `score`
@@ -145,6 +146,15 @@ def entropy(classes: list[int]) -> float:
     return float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 
+def random_samples(out: Path, n: int = 2000, seeds: int = 5) -> None:
+    """random-sS/selected.txt: n pool images drawn by numpy's default_rng(S), the baseline of balanced sampling."""
+    names = sorted(json.loads((out / "truth.json").read_text()))
+    for seed in range(seeds):
+        pick = np.random.default_rng(seed).choice(len(names), n, replace=False)
+        (out / f"random-s{seed}").mkdir(exist_ok=True)
+        (out / f"random-s{seed}" / "selected.txt").write_text("".join(names[i] + "\n" for i in sorted(pick)))
+
+
 def score(out: Path) -> dict:
     truth = json.loads((out / "truth.json").read_text())
     result: dict = {"pool": len(truth), "pool_entropy": entropy([t["class"] for t in truth.values()])}
@@ -168,6 +178,10 @@ def score(out: Path) -> dict:
             classes = [truth[n]["class"] for n in names]
             result[name] = {"n": len(names), "curated_share": float(share(names)), "entropy": entropy(classes),
                             "per_class": np.bincount(classes, minlength=10).tolist()}
+    for group in sorted({k.rsplit("-s", 1)[0] for k in result if k[-1].isdigit() and "-s" in k}):  # seeds of one kind
+        ents = [v["entropy"] for k, v in result.items() if k.rsplit("-s", 1)[0] == group and k[-1].isdigit()]
+        result[f"{group}_entropy_over_seeds"] = {"mean": float(np.mean(ents)), "sd": float(np.std(ents)),
+                                                 "seeds": len(ents)}
     print(json.dumps(result, indent=1))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"curation_study_{out.name}.json").write_text(json.dumps(result, indent=1))
@@ -176,11 +190,12 @@ def score(out: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("step", choices=("build", "score"))
+    p.add_argument("step", choices=("build", "random", "score"))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    build(args.out, args.seed) if args.step == "build" else score(args.out)
+    {"build": lambda: build(args.out, args.seed), "random": lambda: random_samples(args.out),
+     "score": lambda: score(args.out)}[args.step]()
 
 
 if __name__ == "__main__":

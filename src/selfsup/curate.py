@@ -10,7 +10,8 @@ curation of Vo et al. 2024 (facebookresearch/ssl-data-curation).
 
 Everything takes embeddings as float tensors [N, D] (any dtype, any device; returned indices are numpy int64).
 Nearest neighbours and k-means go through faiss when it is installed (faiss-cpu; its GPU index where faiss has
-GPUs and torch has CUDA), else through chunked torch matmuls; both give the same neighbours (up to ties).
+GPUs and torch has CUDA), else through chunked torch matmuls; both give the same neighbours (up to ties). The
+all-pairs search of de-duplication is always banded torch matmuls over the upper triangle (faster than faiss's).
 """
 from __future__ import annotations
 
@@ -91,22 +92,12 @@ def knn(queries: torch.Tensor, database: torch.Tensor, k: int, use_faiss: bool |
     return torch.cat(sims), torch.cat(idx)
 
 
-def _range_pairs(queries: torch.Tensor, database: torch.Tensor, threshold: float, use_faiss: bool | None,
-                 upper: bool) -> np.ndarray:
-    """(query row, database row) pairs, int64 [P, 2], of cosine >= threshold between normalised rows: a range
-    search (faiss) or a band of query rows at a time (torch); `upper` (queries is the database) keeps i < j."""
+def _range_pairs(queries: torch.Tensor, database: torch.Tensor, threshold: float, upper: bool) -> np.ndarray:
+    """(query row, database row) pairs, int64 [P, 2], of cosine >= threshold between normalised rows, a band of
+    query rows at a time; `upper` (queries is the database) keeps i < j and computes only that triangle. Exact
+    and BLAS-bound: 4.6 times faster than faiss's IndexFlatIP range search on 2 cores (50,000 x 384 at 0.95),
+    which computes the whole square."""
     n = len(database)
-    if _use_faiss(use_faiss):
-        index = _faiss_index(database.shape[1])
-        index.add(database.numpy())
-        pairs = []
-        step = 16384
-        for i in range(0, len(queries), step):  # range_search keeps ip > radius: nudge the radius to keep ties
-            lims, _, nbr = index.range_search(queries[i:i + step].numpy(), float(np.nextafter(threshold, -np.inf)))
-            rows = np.repeat(np.arange(i, min(i + step, len(queries))), np.diff(lims).astype(np.int64))
-            keep = rows < nbr if upper else np.ones(len(rows), dtype=bool)
-            pairs.append(np.stack([rows[keep], nbr[keep].astype(np.int64)], 1))
-        return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     pairs = []
     step = _rows_per_chunk(n)
     for i in range(0, len(queries), step):
@@ -119,19 +110,18 @@ def _range_pairs(queries: torch.Tensor, database: torch.Tensor, threshold: float
     return np.concatenate(pairs).astype(np.int64) if pairs else np.zeros((0, 2), np.int64)
 
 
-def similar_pairs(x: torch.Tensor, threshold: float, use_faiss: bool | None = None,
-                  views: list[torch.Tensor] = ()) -> np.ndarray:
+def similar_pairs(x: torch.Tensor, threshold: float, views: list[torch.Tensor] = ()) -> np.ndarray:
     """All pairs (i, j), i < j, with cosine(x_i, x_j) >= threshold, as int64 [P, 2], sorted. With `views` (each
     [N, D]: a descriptor of a crop of every image, as `crop_views` makes), a pair also counts when a view of one
     image is that close to the other image: query-side augmentation, which finds crops that the whole-image
     descriptors miss."""
     _check(x, "embeddings")
     xn = normalized(x)
-    pairs = [_range_pairs(xn, xn, threshold, use_faiss, upper=True)]
+    pairs = [_range_pairs(xn, xn, threshold, upper=True)]
     for v in views:
         if v.shape != x.shape:
             raise UserError(f"similar_pairs: a view has shape {tuple(v.shape)}, the embeddings {tuple(x.shape)}")
-        p = _range_pairs(normalized(v), xn, threshold, use_faiss, upper=False)
+        p = _range_pairs(normalized(v), xn, threshold, upper=False)
         p = np.sort(p[p[:, 0] != p[:, 1]], axis=1)  # (crop of i, j) and (crop of j, i) are both the pair i < j
         pairs.append(p)
     out = np.concatenate(pairs)
@@ -174,14 +164,13 @@ def components(n: int, pairs: np.ndarray) -> np.ndarray:
     return first[label]
 
 
-def duplicate_groups(x: torch.Tensor, threshold: float, use_faiss: bool | None = None,
-                     views: list[torch.Tensor] = ()) -> np.ndarray:
+def duplicate_groups(x: torch.Tensor, threshold: float, views: list[torch.Tensor] = ()) -> np.ndarray:
     """Near-duplicate groups of a pool (DINOv2 Sec. 3: copy-detection similarity, a threshold, connected
     components): label [N], the index of the first image of each one's group; keep = label == arange(N).
     `views` as in `similar_pairs`."""
     if not -1.0 <= threshold <= 1.0:
         raise UserError(f"duplicate threshold {threshold}: expected a cosine similarity in [-1, 1]")
-    return components(len(x), similar_pairs(x, threshold, use_faiss, views))
+    return components(len(x), similar_pairs(x, threshold, views))
 
 
 def protect(pool: torch.Tensor, protected: torch.Tensor, threshold: float, use_faiss: bool | None = None,
@@ -239,19 +228,22 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor, cosine: bool) -> torch.Ten
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007) on at most 64k rows, the reference's default init."""
-    if len(x) > 65536:
-        x = x[torch.randperm(len(x), generator=gen)[:65536]]
+    """k-means++ seeding (Arthur & Vassilvitskii 2007), the reference's default init, on a random subset of at most
+    65,536 rows and at most max(2^26 / k, 16 k) (k passes over it: 2,000 seeds from 200,000 rows in seconds)."""
+    rows = min(65536, max(2**26 // k, 16 * k))
+    if len(x) > rows:
+        x = x[torch.randperm(len(x), generator=gen)[:rows]]
+    sq = (x * x).sum(1)
     first = int(torch.randint(len(x), (1,), generator=gen))
-    centroids = [x[first]]
-    d2 = ((x - x[first]) ** 2).sum(1)
+    chosen = [first]
+    d2 = sq - 2 * (x @ x[first]) + sq[first]  # squared distances as one matrix-vector product a seed
     for _ in range(1, k):
         p = d2.clamp(min=0)
         j = int(torch.multinomial(p / p.sum(), 1, generator=gen)) if p.sum() > 0 else int(
             torch.randint(len(x), (1,), generator=gen))
-        centroids.append(x[j])
-        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
-    return torch.stack(centroids)
+        chosen.append(j)
+        d2 = torch.minimum(d2, sq - 2 * (x @ x[j]) + sq[j])
+    return x[chosen].clone()
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, metric: str = "cosine",
@@ -259,7 +251,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, metric: str 
     """Lloyd's k-means: (centroids [k, D], labels [N]). 'cosine' is spherical k-means on L2-normalised rows
     (centroids renormalised, as DINOv2 clusters its embeddings); 'l2' is plain k-means (Vo et al. use L2).
     Seeded k-means++ (torch) or faiss.Kmeans; an empty cluster is re-seeded on the point farthest from its
-    centroid. `init` starts from given centroids (the resampling steps of `hierarchical_kmeans`)."""
+    centroid. `init` starts from given centroids (the k-means++ seeds of `hierarchical_kmeans`' resampling)."""
     _check(x, "embeddings")
     if metric not in ("cosine", "l2"):
         raise UserError(f"k-means metric {metric!r}: expected 'cosine' or 'l2'")
@@ -311,14 +303,16 @@ class Hierarchy:
         return out
 
 
-def hierarchical_kmeans(x: torch.Tensor, levels: list[int], resample_steps: int = 3,
+def hierarchical_kmeans(x: torch.Tensor, levels: list[int], resample_steps: int = 10,
                         sample_sizes: list[int] | None = None, iters: int = 20, seed: int = 0,
                         metric: str = "l2", use_faiss: bool | None = None) -> Hierarchy:
     """Vo et al. 2024 (Alg. 1; hierarchical_kmeans_with_resampling): level 1 clusters the points into levels[0]
     clusters, level l + 1 clusters the centroids of level l. Each level is then refined by resampling steps: the
     s points closest to each centroid (s = sample_sizes[l], default about half the mean cluster size) are
-    clustered again and every point reassigned, which pulls centroids from dense regions towards an even cover.
-    (The reference re-seeds each resampling k-means with k-means++; here it starts from the current centroids.)"""
+    clustered again by a freshly seeded k-means and every point reassigned, which moves centroids from dense
+    regions towards an even cover (10 steps by default, L2: hierarchical_kmeans_gpu.py, configs/*.yaml). Warm-
+    starting the resampling from the current centroids instead kept them where they were: a balanced sample of
+    the Fashion-MNIST study came out no more even than a random one."""
     _check(x, "embeddings")
     if not levels or any(b >= a for a, b in itertools.pairwise(levels)) or levels[0] > len(x) or min(levels) < 1:
         raise UserError(f"hierarchical k-means levels {levels}: expected decreasing cluster counts, the first at "
@@ -335,7 +329,8 @@ def hierarchical_kmeans(x: torch.Tensor, levels: list[int], resample_steps: int 
             order = np.lexsort((d, lab))  # by cluster, then by distance to its centroid
             rank = np.arange(len(lab)) - np.searchsorted(lab[order], lab[order])  # position within the cluster
             sample = points[np.sort(order[rank < s])]
-            c, _ = kmeans(sample, k, iters, seed + 1000 * (step + 1) + l, metric, init=c, use_faiss=use_faiss)
+            gen = torch.Generator().manual_seed(seed + 1000 * (step + 1) + l)  # k-means++ on the sample, both paths
+            c, _ = kmeans(sample, k, iters, metric=metric, init=_kmeans_pp(sample, k, gen), use_faiss=use_faiss)
             lab = _assign(normalized(points) if metric == "cosine" else points, c, metric == "cosine").numpy()
         labels.append(lab.astype(np.int64))
         cents.append(c)
