@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -178,10 +179,13 @@ def score(out: Path) -> dict:
             classes = [truth[n]["class"] for n in names]
             result[name] = {"n": len(names), "curated_share": float(share(names)), "entropy": entropy(classes),
                             "per_class": np.bincount(classes, minlength=10).tolist()}
-    for group in sorted({k.rsplit("-s", 1)[0] for k in result if k[-1].isdigit() and "-s" in k}):  # seeds of one kind
-        ents = [v["entropy"] for k, v in result.items() if k.rsplit("-s", 1)[0] == group and k[-1].isdigit()]
-        result[f"{group}_entropy_over_seeds"] = {"mean": float(np.mean(ents)), "sd": float(np.std(ents)),
-                                                 "seeds": len(ents)}
+    seeds: dict[str, list[float]] = {}  # balance-s0, balance-s1, ...: one kind of selection at several seeds
+    for name, r in result.items():
+        if (kind := re.fullmatch(r"(.+)-s\d+", name)) and isinstance(r, dict):
+            seeds.setdefault(kind[1], []).append(r["entropy"])
+    for kind, ents in sorted(seeds.items()):
+        result[f"{kind}_entropy_over_seeds"] = {"mean": float(np.mean(ents)), "sd": float(np.std(ents)),
+                                                "seeds": len(ents)}
     print(json.dumps(result, indent=1))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"curation_study_{out.name}.json").write_text(json.dumps(result, indent=1))

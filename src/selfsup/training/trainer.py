@@ -425,10 +425,11 @@ class Trainer:
         (on 2 shared cores the loop ran at 0.14 s a step where the trial steps measured 0.10 s).
         The schedules stretch or shrink with the length as they would have been planned; config.yaml records it
         for --resume. A run with a high-resolution stage, whose steps have another speed, keeps its plan."""
-        steps, seconds = self.step - mark[0], self.clock() - mark[1]
+        now = self.clock()
+        steps, seconds = self.step - mark[0], now - mark[1]
         if steps <= 0 or seconds <= 0 or self.highres is not None or self.step >= self.total_steps:
             return
-        total = self.step + max(1, int((self.train_until - self.clock()) * steps / seconds))
+        total = self.step + max(1, int((self.train_until - now) * steps / seconds))
         if abs(total - self.total_steps) < max(1, 0.01 * self.total_steps):
             return
         log.info("step %d: %.3f s/step measured; %s steps now fit train.time=%s (planned %s)", self.step,
